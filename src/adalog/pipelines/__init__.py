@@ -1,0 +1,1 @@
+"""End-to-end pipelines: evaluation (and, built on it, calibration, export)."""

@@ -1,0 +1,102 @@
+"""Top-1 / top-5 evaluation of a classifier on a labelled image folder."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from adalog.data import LabeledImageFolder, collate_skipping_bad, eval_transform, scan_image_folder
+from adalog.errors import DataError
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    n: int
+    model: str
+    skipped_images: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        return out
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def build_eval_loader(
+    model: nn.Module,
+    data: str | Path,
+    include: str | Path | None = None,
+    exclude: str | Path | None = None,
+    label_map: str | Path | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    skip_bad_images: bool = False,
+) -> DataLoader:
+    records = scan_image_folder(data, label_map=label_map, include=include, exclude=exclude)
+    dataset = LabeledImageFolder(records, eval_transform(model), skip_bad_images)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=default_workers() if workers is None else workers,
+        collate_fn=collate_skipping_bad,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: str | torch.device = "auto",
+    name: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Run ``model`` over ``loader``; count top-1 and top-5 hits."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = model.eval().to(device)
+    name = name or getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    hits1 = hits5 = seen = skipped = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress)
+    for images, labels, n_bad in bar:
+        skipped += n_bad
+        if labels.numel() == 0:
+            continue
+        logits = model(images.to(device))
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
+        hits1 += (top5[:, 0] == labels).sum().item()
+        hits5 += (top5 == labels[:, None]).any(dim=-1).sum().item()
+        seen += labels.numel()
+        bar.set_postfix(top1=f"{hits1 / seen:.4f}")
+    if seen == 0:
+        raise DataError(f"no image could be evaluated ({skipped} unreadable images skipped)")
+    return EvalResult(
+        top1=hits1 / seen,
+        top5=hits5 / seen,
+        n=seen,
+        model=name,
+        skipped_images=skipped,
+        seconds=time.perf_counter() - start,
+        extra={"device": str(device)},
+    )
