@@ -1,0 +1,140 @@
+"""Serialisable quantization configuration with the reference presets (ALGORITHM.md §2.1)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from adalog.errors import ConfigError
+
+POST_SOFTMAX_CHOICES = ("adalog", "log2", "logsqrt2", "uniform")
+POST_GELU_CHOICES = ("adalog", "log2", "logsqrt2", "twin", "uniform")
+LOG_SCALE_SEARCH_CHOICES = ("transplant", "own")
+BIT_RANGE = range(2, 9)
+
+
+@dataclass(frozen=True)
+class AdaLogConfig:
+    """Everything that decides how a model is quantized and calibrated.
+
+    Defaults are the reference W4A4 values. ``head_a_bits=None`` means "same as a_bits" (the
+    reference quantizes the classifier input at a_bits). The image fed to the patch embedding
+    stays float, as in the reference (§10.1).
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    s_bits: int = 4
+    head_a_bits: int | None = None
+    post_softmax: str = "adalog"
+    post_gelu: str = "adalog"
+    bias_reparam: bool = True
+    ln_fold: bool = True
+    # Post-GELU log2/log-sqrt2 ablations: 'transplant' copies the AdaLog-searched scale as the
+    # reference does (§10.8); 'own' searches the fixed-base quantizer's own scale.
+    log_scale_search: str = "transplant"
+    eq_n: int = 128
+    search_rounds: int = 3
+    fpcs: bool = True
+    fpcs_steps: int = 6
+    zp_cap: int = 16
+    calib_size: int = 32
+    calib_batch_size: int = 32
+    calib_augment: bool = True
+    seed: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits", "s_bits"):
+            _check_bits(name, getattr(self, name))
+        if self.head_a_bits is not None:
+            _check_bits("head_a_bits", self.head_a_bits)
+        _check_choice("post_softmax", self.post_softmax, POST_SOFTMAX_CHOICES)
+        _check_choice("post_gelu", self.post_gelu, POST_GELU_CHOICES)
+        _check_choice("log_scale_search", self.log_scale_search, LOG_SCALE_SEARCH_CHOICES)
+        for name in ("eq_n", "search_rounds", "fpcs_steps", "calib_size", "calib_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fpcs_steps < 2 and self.fpcs:
+            raise ConfigError("fpcs_steps must be >= 2 (one coarse step plus refinements)")
+
+    @property
+    def head_bits(self) -> int:
+        return self.a_bits if self.head_a_bits is None else self.head_a_bits
+
+    @property
+    def folds_layernorm(self) -> bool:
+        """The reference folds post-LN scales only when input and weight bits agree (§10.16)."""
+        return self.ln_fold and self.a_bits == self.w_bits
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> AdaLogConfig:
+        presets = {"w3a3": 3, "w4a4": 4, "w6a6": 6}
+        if name not in presets:
+            raise ConfigError(f"unknown preset '{name}'; choose from {', '.join(presets)}")
+        bits = presets[name]
+        return cls(w_bits=bits, a_bits=bits, s_bits=bits).with_overrides(**overrides)
+
+    @classmethod
+    def w3a3(cls, **overrides: Any) -> AdaLogConfig:
+        return cls.preset("w3a3", **overrides)
+
+    @classmethod
+    def w4a4(cls, **overrides: Any) -> AdaLogConfig:
+        return cls.preset("w4a4", **overrides)
+
+    @classmethod
+    def w6a6(cls, **overrides: Any) -> AdaLogConfig:
+        return cls.preset("w6a6", **overrides)
+
+    def with_overrides(self, **overrides: Any) -> AdaLogConfig:
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdaLogConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("a config must be a mapping of field names to values")
+        return cls().with_overrides(**data)
+
+    def save(self, path: str | Path) -> None:
+        from adalog.io import atomic_write_text
+
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
+        else:
+            atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> AdaLogConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"could not read config {path}: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _check_bits(name: str, value: int) -> None:
+    if not isinstance(value, int) or value not in BIT_RANGE:
+        raise ConfigError(f"{name} must be an integer bit-width in 2..8, got {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -1,0 +1,165 @@
+"""Quantized stand-ins for the layers of timm ViT/DeiT/Swin (ALGORITHM.md §2.2-§2.3).
+
+Each module runs in one of two modes: raw (exactly the FP layer; used while capturing
+calibration data) or quant (fake-quantized inputs and weights). Parameters keep the names of the
+layers they replace, so the state dict of a wrapped model is the FP state dict plus quantizer
+buffers.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from timm.models.swin_transformer import WindowAttention
+from timm.models.vision_transformer import Attention
+from torch import Tensor, nn
+
+from adalog.quant import UniformQuantizer
+
+
+class QuantModule(nn.Module):
+    """Common raw/quant switch."""
+
+    quant_enabled: bool = False
+
+    def set_quant(self, enabled: bool) -> None:
+        self.quant_enabled = enabled
+
+
+class QuantLinear(QuantModule):
+    """Linear with a per-output-row uniform weight quantizer and an optional input quantizer."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int, input_quant: nn.Module | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quant = UniformQuantizer(w_bits, (self.out_features, 1))
+        self.input_quant = input_quant
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quant(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.quant_enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def ensure_bias(self) -> Tensor:
+        """Give a bias-free layer (Swin ``reduction``) a zero bias so folds have a target."""
+        if self.bias is None:
+            self.bias = nn.Parameter(self.weight.new_zeros(self.out_features))
+        return self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantConv2d(QuantModule):
+    """Patch-embedding conv: per-output-channel weight quantizer; the image input stays FP
+    unless ``input_quant`` is given (§10.1)."""
+
+    def __init__(self, conv: nn.Conv2d, w_bits: int, input_quant: nn.Module | None) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise NotImplementedError("only zero-padded convolutions can be quantized")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight_quant = UniformQuantizer(w_bits, (conv.out_channels, 1, 1, 1))
+        self.input_quant = input_quant
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quant(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if self.quant_enabled:
+            weight = self.quantized_weight()
+            if self.input_quant is not None:
+                x = self.input_quant(x)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantMatMul(QuantModule):
+    """``a @ b`` with a quantizer per operand (per head for q, kᵀ, v; log for attention)."""
+
+    def __init__(self, a_quant: nn.Module, b_quant: nn.Module) -> None:
+        super().__init__()
+        self.a_quant = a_quant
+        self.b_quant = b_quant
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.quant_enabled:
+            a, b = self.a_quant(a), self.b_quant(b)
+        return a @ b
+
+
+class QuantViTAttention(Attention):
+    """timm ``Attention`` whose two products go through ``matmul1``/``matmul2`` (§2.2).
+
+    The softmax scale is applied after ``matmul1``, so the quantized A operand is the unscaled q.
+    Instances are converted in place (``__class__`` swap) so parameter names are unchanged.
+    """
+
+    matmul1: QuantMatMul
+    matmul2: QuantMatMul
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("quantized attention does not support attention masks")
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.matmul2(attn, v)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class QuantWindowAttention(WindowAttention):
+    """timm Swin ``WindowAttention`` with ``matmul1``/``matmul2``; q is scaled before matmul1."""
+
+    matmul1: QuantMatMul
+    matmul2: QuantMatMul
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        B_, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = self.matmul1(q * self.scale, k.transpose(-2, -1)) + self._get_rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        x = self.matmul2(attn, v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, -1)))
+
+
+def set_quant_mode(model: nn.Module, enabled: bool) -> None:
+    """Switch every quantized module of ``model`` between raw (FP) and quant mode."""
+    for module in model.modules():
+        if isinstance(module, QuantModule):
+            module.set_quant(enabled)
+
+
+__all__ = [
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMatMul",
+    "QuantModule",
+    "QuantViTAttention",
+    "QuantWindowAttention",
+    "set_quant_mode",
+]

@@ -1,0 +1,154 @@
+"""Turn a timm ViT/DeiT/Swin into a fake-quantized model (ALGORITHM.md §2.2), per instance.
+
+No timm class is patched: attention modules get their class swapped to a subclass defined in
+``qmodules`` and every Linear/Conv2d is replaced by its quantized stand-in. ``wrap_model`` returns
+the calibration plan: the quantized modules in execution order, each with its role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from timm.models.swin_transformer import WindowAttention
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+from adalog.config import AdaLogConfig
+from adalog.models.factory import model_family
+from adalog.models.qmodules import (
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    QuantModule,
+    QuantViTAttention,
+    QuantWindowAttention,
+)
+from adalog.quant import GELU_SHIFT, LogQuantizer, TwinUniformQuantizer, UniformQuantizer
+
+ROLES = ("conv", "linear", "linear_ln", "linear_gelu", "matmul_qk", "matmul_av")
+
+
+@dataclass
+class Target:
+    """One module to calibrate: its dotted name, the module, its role and, for post-LayerNorm
+    linears that fold (§3), the name of the LayerNorm that receives the scales."""
+
+    name: str
+    module: QuantModule
+    role: str
+    norm: str | None = None
+
+    @property
+    def block(self) -> str:
+        """The enclosing block (``blocks.3``, ``layers.1.blocks.0``) or the module name."""
+        parts = self.name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if parts[i - 1] == "blocks" or parts[i] == "downsample":
+                return ".".join(parts[: i + 1])
+        return self.name
+
+
+def wrap_model(model: nn.Module, config: AdaLogConfig) -> list[Target]:
+    """Insert quantized modules into ``model`` (in place); return the calibration plan."""
+    family = model_family(model)
+    if any(isinstance(m, QuantModule) for m in model.modules()):
+        raise ValueError("model is already wrapped")
+    for module in model.modules():
+        if isinstance(module, (Attention, WindowAttention)):
+            _convert_attention(module, config)
+    targets: list[Target] = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantMatMul):
+            role = "matmul_av" if name.endswith("matmul2") else "matmul_qk"
+            targets.append(Target(name, module, role))
+        elif isinstance(module, nn.Linear):
+            targets.append(_replace_linear(model, name, module, config, family))
+        elif isinstance(module, nn.Conv2d):
+            quantized = QuantConv2d(module, config.w_bits, input_quant=None)
+            _set_submodule(model, name, quantized)
+            targets.append(Target(name, quantized, "conv"))
+    return _execution_order(targets)
+
+
+def _convert_attention(module: nn.Module, config: AdaLogConfig) -> None:
+    heads = module.num_heads
+    module.matmul1 = QuantMatMul(
+        UniformQuantizer(config.a_bits, (1, heads, 1, 1)),
+        UniformQuantizer(config.a_bits, (1, heads, 1, 1)),
+    )
+    module.matmul2 = QuantMatMul(
+        _post_softmax_quantizer(config), UniformQuantizer(config.a_bits, (1, heads, 1, 1))
+    )
+    module.fused_attn = False
+    module.__class__ = (
+        QuantWindowAttention if isinstance(module, WindowAttention) else QuantViTAttention
+    )
+
+
+def _post_softmax_quantizer(config: AdaLogConfig) -> nn.Module:
+    if config.post_softmax == "uniform":
+        return UniformQuantizer(config.s_bits, (1,))
+    return LogQuantizer(config.s_bits, config.post_softmax)  # scale fixed to 1 (§5.3)
+
+
+def _post_gelu_quantizer(config: AdaLogConfig) -> nn.Module:
+    if config.post_gelu == "twin":
+        return TwinUniformQuantizer(config.a_bits)
+    if config.post_gelu == "uniform":
+        return UniformQuantizer(config.a_bits, (1,))
+    shift = GELU_SHIFT if config.bias_reparam else 0.0
+    return LogQuantizer(config.a_bits, config.post_gelu, shift=shift)
+
+
+def _replace_linear(
+    model: nn.Module, name: str, linear: nn.Linear, config: AdaLogConfig, family: str
+) -> Target:
+    leaf = name.rsplit(".", 1)[-1]
+    norm = _folding_norm(name, leaf)
+    if "head" in name:
+        quantized = QuantLinear(linear, config.w_bits, UniformQuantizer(config.head_bits, (1,)))
+        target = Target(name, quantized, "linear")
+    elif leaf == "fc2" and config.post_gelu != "uniform":
+        quantized = QuantLinear(linear, config.w_bits, _post_gelu_quantizer(config))
+        target = Target(name, quantized, "linear_gelu")
+    elif norm is not None and config.folds_layernorm:
+        quantized = QuantLinear(
+            linear, config.w_bits, UniformQuantizer(config.a_bits, (linear.in_features,))
+        )
+        target = Target(name, quantized, "linear_ln", norm=norm)
+    else:
+        quantized = QuantLinear(linear, config.w_bits, UniformQuantizer(config.a_bits, (1,)))
+        target = Target(name, quantized, "linear")
+    _set_submodule(model, name, quantized)
+    return target
+
+
+def _folding_norm(name: str, leaf: str) -> str | None:
+    """The LayerNorm feeding qkv (norm1), fc1 (norm2) or Swin's reduction (its merge norm)."""
+    parent = name.rsplit(".", 1)[0]
+    if leaf == "qkv" and parent.endswith(".attn"):
+        return parent[: -len(".attn")] + ".norm1"
+    if leaf == "fc1" and parent.endswith(".mlp"):
+        return parent[: -len(".mlp")] + ".norm2"
+    if leaf == "reduction":
+        return parent + ".norm"
+    return None
+
+
+_ORDER = {"qkv": 0, "matmul1": 1, "matmul2": 2, "proj": 3, "fc1": 4, "fc2": 5}
+
+
+def _execution_order(targets: list[Target]) -> list[Target]:
+    """Sort a block's modules in the order its forward pass runs them (qkv, matmul1, matmul2,
+    proj, fc1, fc2); blocks keep ``named_modules`` order."""
+    blocks = list(dict.fromkeys(t.block for t in targets))
+    rank = {b: i for i, b in enumerate(blocks)}
+    return sorted(
+        targets, key=lambda t: (rank[t.block], _ORDER.get(t.name.rsplit(".", 1)[-1], -1))
+    )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
