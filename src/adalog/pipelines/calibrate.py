@@ -1,0 +1,198 @@
+"""Calibration pipeline (ALGORITHM.md §6): capture FP tensors block by block, run each
+module's search (§5.7), fold post-LayerNorm scales (§3) and the post-GELU shift (§4)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from adalog.config import AdaLogConfig
+from adalog.data import LabeledImageFolder, calibration_transform, scan_image_folder
+from adalog.errors import DataError
+from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
+from adalog.models.wrap import Target, wrap_model
+from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
+from adalog.search.procedures import (
+    SearchSettings,
+    calibrate_conv_weight,
+    calibrate_linear,
+    calibrate_matmul_av,
+    calibrate_matmul_qk,
+    calibrate_post_gelu_log,
+    calibrate_post_gelu_twin,
+    channelwise_input_search,
+)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_calibration_images(
+    model: nn.Module,
+    data: str | Path,
+    list_file: str | Path | None,
+    config: AdaLogConfig,
+) -> Tensor:
+    """The calibration batch ``(N, 3, H, W)``: the listed images (or the first ``calib_size``
+    of the folder), transformed once with the seeded calibration transform (§6.1)."""
+    records = scan_image_folder(data, include=list_file)
+    if list_file is None:
+        records = records[: config.calib_size]
+    seed_everything(config.seed)
+    dataset = LabeledImageFolder(records, calibration_transform(model, config.calib_augment))
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once the block of interest has run."""
+
+
+@contextmanager
+def _capture(targets: list[Target], stop_after: nn.Module) -> Iterator[dict[str, list]]:
+    """Record every target's inputs (and linear/conv outputs) during forward passes."""
+    records: dict[str, list] = {t.name: [] for t in targets}
+    handles = []
+    for target in targets:
+
+        def hook(module, inputs, output, name=target.name):
+            keep_output = not isinstance(module, QuantMatMul)
+            records[name].append((inputs, output if keep_output else None))
+            if module is stop_after:
+                raise _StopForward
+
+        handles.append(target.module.register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run_capture(model: nn.Module, images: Tensor, batch_size: int, targets, stop_after):
+    with _capture(targets, stop_after) as records, torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            try:
+                model(images[start : start + batch_size])
+            except _StopForward:
+                pass
+    return records
+
+
+def _cat(chunks: list, index: int | None = None) -> Tensor:
+    """Concatenate captured chunks: ``index`` selects an input, ``None`` the output."""
+    return torch.cat([c[1] if index is None else c[0][index] for c in chunks])
+
+
+def calibrate(
+    model: nn.Module, images: Tensor, config: AdaLogConfig, progress: bool = True
+) -> nn.Module:
+    """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode."""
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise DataError(
+            f"calibration images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}"
+        )
+    seed_everything(config.seed)
+    model.eval()
+    targets = wrap_model(model, config)
+    model.eval()
+    settings = SearchSettings(
+        eq_n=config.eq_n,
+        rounds=config.search_rounds,
+        fpcs=config.fpcs,
+        steps=config.fpcs_steps,
+        zp_cap=config.zp_cap,
+    )
+    blocks = list(dict.fromkeys(t.block for t in targets))
+    bar = tqdm(total=len(targets), desc="calibrate", unit="module", disable=not progress)
+    for block in blocks:
+        members = [t for t in targets if t.block == block]
+        records = _run_capture(model, images, config.calib_batch_size, members, members[-1].module)
+        for target in members:
+            bar.set_description(f"calibrate {target.name}")
+            _calibrate_target(model, target, records.pop(target.name), settings, config)
+            bar.update()
+    bar.close()
+    set_quant_mode(model, True)
+    fold_post_gelu_shift(model)
+    return model
+
+
+def _calibrate_target(
+    model: nn.Module, target: Target, chunks: list, settings: SearchSettings, config: AdaLogConfig
+) -> None:
+    module = target.module
+    with torch.no_grad():
+        if isinstance(module, QuantMatMul):
+            a, b = _cat(chunks, 0), _cat(chunks, 1)
+            if target.role == "matmul_qk":
+                calibrate_matmul_qk(a, b, module.a_quant, module.b_quant, settings)
+            else:
+                calibrate_matmul_av(a, b, module.a_quant, module.b_quant, settings)
+        elif isinstance(module, QuantConv2d):
+            x, y = _cat(chunks, 0), _cat(chunks, None)
+            kernel = module.weight.shape[-2:]
+            patches = F.unfold(x, kernel, module.dilation, module.padding, module.stride)
+            patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+            calibrate_conv_weight(
+                patches, y, module.weight, module.bias, module.weight_quant, settings
+            )
+        else:
+            x, y = _cat(chunks, 0), _cat(chunks, None)
+            x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            if target.role == "linear_ln":
+                x = fold_layernorm(model.get_submodule(target.norm), module, x, settings)
+            args = (x, y, module.weight, module.bias, module.weight_quant, module.input_quant)
+            if isinstance(module.input_quant, LogQuantizer):
+                transplant = config.log_scale_search == "transplant"
+                calibrate_post_gelu_log(*args, settings, transplant)
+            elif isinstance(module.input_quant, TwinUniformQuantizer):
+                calibrate_post_gelu_twin(*args, settings)
+            else:
+                calibrate_linear(*args, settings)
+
+
+def fold_layernorm(
+    norm: nn.LayerNorm, module: QuantLinear, x: Tensor, settings: SearchSettings
+) -> Tensor:
+    """§3: per-channel search, then fold the channel scales into ``norm`` and ``module``.
+
+    Returns the captured inputs transformed like the new LayerNorm output (``x / r - δ``).
+    """
+    quant: UniformQuantizer = module.input_quant
+    scales, zps = channelwise_input_search(x, quant.n_bits, settings)
+    s_star = scales.mean()
+    z_star = zps.mean().round()
+    r = scales / s_star
+    delta = s_star * (z_star - zps)
+    norm.weight.div_(r)
+    norm.bias.div_(r).sub_(delta)
+    module.weight.mul_(r)
+    module.ensure_bias().add_(module.weight @ delta)
+    quant.set_params(s_star.reshape(1), z_star.reshape(1))
+    return x / r - delta
+
+
+def fold_post_gelu_shift(model: nn.Module) -> None:
+    """§4: fold ``-shift · Σ_j Ŵ[:, j]`` into the fc2 bias; the quantizer then skips ``-shift``."""
+    for module in model.modules():
+        quant = getattr(module, "input_quant", None)
+        if not isinstance(module, QuantLinear) or not isinstance(quant, LogQuantizer):
+            continue
+        if float(quant.shift) == 0.0 or bool(quant.shift_folded):
+            continue
+        with torch.no_grad():
+            w_hat = module.quantized_weight()
+            module.ensure_bias().sub_(float(quant.shift) * w_hat.sum(dim=1))
+        quant.set_shift_folded(True)

@@ -1,0 +1,167 @@
+"""Error callbacks for the searches (ALGORITHM.md §5.1), written for speed on CPU.
+
+Every callback maps a batch of candidates to squared errors, lower is better. Constant factors
+of the reference's reductions (per-image means over equal token counts) are dropped: they do
+not change which candidate wins. Candidates are scored in chunks sized to ``MEMORY_BUDGET``.
+
+Two algebraic shortcuts keep the reference objectives while avoiding a full layer recompute per
+candidate (issue: fast calibration):
+
+* weight searches use the Gram form: with ``R = Y - b - X̂ Wᵀ`` fixed and ``Δ = W - Ŵ``, the
+  error of output row o is ``ΣR² + 2 Δ_o·(X̂ᵀR)_o + Δ_o ᵀ (X̂ᵀX̂) Δ_o``; the constant is dropped;
+* per-tensor input searches of layers that widen (O > I) use ``‖X̂Ŵᵀ‖² - 2⟨X̂, (Y-b)Ŵ⟩`` with
+  the I×I matrix ``ŴᵀŴ``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from adalog.quant import asym_fake_quant
+
+#: Floats one candidate chunk may allocate (about 256 MB).
+MEMORY_BUDGET = 2**26
+#: −log2 of the 1e-15 floor of the log quantizers (§1.4).
+LOG_FLOOR_EXPONENT = 49.82892142331043
+
+
+def chunk_size(per_candidate: int, budget: int = MEMORY_BUDGET) -> int:
+    return max(1, budget // max(1, per_candidate))
+
+
+def in_chunks(n: int, per_candidate: int, fn: Callable[[slice], Tensor]) -> Tensor:
+    """Concatenate ``fn(slice)`` over candidate chunks."""
+    step = chunk_size(per_candidate)
+    return torch.cat([fn(slice(i, min(n, i + step))) for i in range(0, n, step)])
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+def weight_self_error(weight: Tensor, n_bits: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-row ``Σ (W - Ŵ)²`` for candidates ``(K, O)`` (§5.1, weight initialisation)."""
+    rows = weight.reshape(weight.shape[0], -1)
+
+    def score(scales: Tensor, zps: Tensor) -> Tensor:
+        def part(sl: slice) -> Tensor:
+            w_hat = asym_fake_quant(rows, scales[sl, :, None], zps[sl, :, None], n_bits)
+            return (w_hat - rows).square_().sum(-1)
+
+        return in_chunks(scales.shape[0], rows.numel(), part)
+
+    return score
+
+
+def weight_output_error(
+    x_hat: Tensor, target: Tensor, weight: Tensor, n_bits: int
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-output-row error of ``target ≈ x_hat @ Ŵᵀ`` for weight candidates ``(K, O)``.
+
+    ``x_hat`` is the quantized input ``(T, I)``, ``target`` is ``Y - bias`` ``(T, O)``. Uses
+    the Gram form when there are more tokens than input features, else recomputes.
+    """
+    rows = weight.reshape(weight.shape[0], -1)
+    if x_hat.shape[0] <= x_hat.shape[1]:
+        return _weight_output_direct(x_hat, target, rows, n_bits)
+    gram = x_hat.T @ x_hat
+    cross = (x_hat.T @ (target - x_hat @ rows.T)).T  # (O, I)
+
+    def score(scales: Tensor, zps: Tensor) -> Tensor:
+        def part(sl: slice) -> Tensor:
+            delta = rows - asym_fake_quant(rows, scales[sl, :, None], zps[sl, :, None], n_bits)
+            quad = ((delta @ gram) * delta).sum(-1)
+            return quad + 2 * (delta * cross).sum(-1)
+
+        return in_chunks(scales.shape[0], 2 * rows.numel(), part)
+
+    return score
+
+
+def _weight_output_direct(
+    x_hat: Tensor, target: Tensor, rows: Tensor, n_bits: int
+) -> Callable[[Tensor, Tensor], Tensor]:
+    def score(scales: Tensor, zps: Tensor) -> Tensor:
+        def part(sl: slice) -> Tensor:
+            w_hat = asym_fake_quant(rows, scales[sl, :, None], zps[sl, :, None], n_bits)
+            return (x_hat @ w_hat.transpose(1, 2) - target).square_().sum(1)
+
+        return in_chunks(scales.shape[0], target.numel() + rows.numel(), part)
+
+    return score
+
+
+# -- per-tensor / per-channel inputs --------------------------------------------------------------
+
+
+def input_self_error(x: Tensor, n_bits: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """``Σ (x - x̂)²`` per group for candidates ``(K, G)``; G = 1 (per tensor) or G = channels
+    of the last dim (post-LN channel-wise stage, §3)."""
+    flat = x.reshape(-1, x.shape[-1])
+
+    def score(scales: Tensor, zps: Tensor) -> Tensor:
+        per_channel = scales.shape[1] > 1
+
+        def part(sl: slice) -> Tensor:
+            s, z = scales[sl, None, :], zps[sl, None, :]
+            err = (asym_fake_quant(flat, s, z, n_bits) - flat).square_()
+            return err.sum(1) if per_channel else err.sum((1, 2))[:, None]
+
+        return in_chunks(scales.shape[0], flat.numel(), part)
+
+    return score
+
+
+def linear_input_error(
+    x: Tensor, target: Tensor, w_hat: Tensor, quantize: Callable[[Tensor, slice], Tensor], n: int
+) -> Tensor:
+    """Per-tensor output error of ``target ≈ quantize(x) @ Ŵᵀ`` for ``n`` input candidates.
+
+    ``quantize(x, sl)`` returns the fake-quantized input for candidates ``sl`` as
+    ``(k, T, I)``. Chooses the cheaper of the direct and the ``ŴᵀŴ`` form.
+    """
+    tokens, in_f = x.shape
+    out_f = w_hat.shape[0]
+    if out_f > in_f:
+        gram = w_hat.T @ w_hat
+        proj = target @ w_hat  # (T, I)
+
+        def part(sl: slice) -> Tensor:
+            xq = quantize(x, sl)
+            return ((xq @ gram) * xq).sum((1, 2)) - 2 * (xq * proj).sum((1, 2))
+
+        return in_chunks(n, 3 * tokens * in_f, part)
+
+    def direct(sl: slice) -> Tensor:
+        xq = quantize(x, sl)
+        return (xq @ w_hat.T - target).square_().sum((1, 2))
+
+    return in_chunks(n, tokens * (in_f + out_f), direct)
+
+
+# -- log quantizers ------------------------------------------------------------------------------
+
+
+def log_exponent(x: Tensor, shift: float) -> Tensor:
+    """``log2(x + shift)`` with non-positive values sent far below the 1e-15 floor."""
+    return torch.log2((x + shift).clamp_min(torch.finfo(x.dtype).tiny))
+
+
+def log_lut(levels: Tensor, scale: Tensor, shift: float, max_code: int) -> Tensor:
+    """Dequantized value of every code ``0..max_code`` (codes ≥ N are the zero state)."""
+    n = levels.shape[-1]
+    lut = torch.zeros(*levels.shape[:-1], max(n, max_code + 1), dtype=levels.dtype)
+    lut[..., :n] = levels * scale[..., None]
+    return lut - shift
+
+
+def log_codes_from_exponent(log_x: Tensor, log_scale: Tensor, ratio: Tensor) -> Tensor:
+    """Integer codes ``round(clamp(log2 s - log2 x, 0, 49.83) · ratio)`` as int64.
+
+    Equal to ``round(-log2(clamp(x/s, 1e-15, 1)) · ratio)`` up to float rounding (§1.4-§1.6);
+    ``ratio`` is 1 (log2), 2 (log√2) or 37/q (AdaLog).
+    """
+    e = (log_scale - log_x).clamp_(0.0, LOG_FLOOR_EXPONENT)
+    return e.mul_(ratio).round_().long()

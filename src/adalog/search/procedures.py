@@ -1,0 +1,427 @@
+"""Per-module calibration procedures (ALGORITHM.md §5.7), on captured tensors and quantizers.
+
+Nothing here knows about timm: a procedure receives FP inputs/outputs, the layer's weight and
+bias, and the quantizer modules whose buffers it writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from adalog.quant import (
+    ADALOG_R,
+    LogQuantizer,
+    TwinUniformQuantizer,
+    UniformQuantizer,
+    adalog_levels,
+    adalog_q_candidates,
+    asym_fake_quant,
+    twin_fake_quant,
+)
+from adalog.search.fpcs import (
+    best_q,
+    exhaustive,
+    exhaustive_adalog,
+    fpcs_adalog,
+    fpcs_uniform,
+)
+from adalog.search.grids import (
+    ACTIVATION_SCALE_FLOOR,
+    UniformGrid,
+    activation_grid,
+    adalog_scale_grid,
+    initial_candidate,
+    matmul_grid,
+    twin_neg_scale,
+    twin_pos_candidates,
+    weight_grid,
+)
+from adalog.search.objectives import (
+    LOG_FLOOR_EXPONENT,
+    in_chunks,
+    input_self_error,
+    linear_input_error,
+    log_codes_from_exponent,
+    log_exponent,
+    log_lut,
+    weight_output_error,
+    weight_self_error,
+)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Search sizes (§2.1): candidates per step, alternating rounds, FPCS on/off and steps."""
+
+    eq_n: int = 128
+    rounds: int = 3
+    fpcs: bool = True
+    steps: int = 6
+    zp_cap: int | None = 16
+
+
+def _search(
+    settings: SearchSettings,
+    score: Callable[[Tensor, Tensor], Tensor],
+    grid: UniformGrid,
+    floor: float | None = None,
+):
+    if settings.fpcs:
+        return fpcs_uniform(score, grid.scales, grid.zero_points, settings.steps, scale_floor=floor)
+    return exhaustive(score, grid.scales, grid.zero_points)
+
+
+# -- linear layers -------------------------------------------------------------------------------
+
+
+def calibrate_linear(
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    weight_quant: UniformQuantizer,
+    input_quant: UniformQuantizer,
+    settings: SearchSettings,
+) -> None:
+    """§5.7(A): weight and per-tensor input, alternating on the layer-output error.
+
+    ``x``: ``(T, I)`` FP inputs; ``y``: ``(T, O)`` FP outputs; ``weight``: ``(O, I)`` (conv
+    weights flattened to rows by the caller).
+    """
+    rows = weight.reshape(weight.shape[0], -1)
+    target = y if bias is None else y - bias
+    n_w = weight_quant.n_bits
+    w_grid = weight_grid(rows, n_w, settings.eq_n, settings.zp_cap)
+    _set_rows(weight_quant, _search(settings, weight_self_error(rows, n_w), w_grid))
+    a_bits = input_quant.n_bits
+    x_grid = activation_grid(x.reshape(1, -1), a_bits, settings.eq_n)
+    best = _search(settings, input_self_error(x, a_bits), x_grid, ACTIVATION_SCALE_FLOOR)
+    input_quant.set_params(best.scale, best.zero_point)
+    for _ in range(settings.rounds):
+        score_w = weight_output_error(input_quant(x), target, rows, n_w)
+        _set_rows(weight_quant, _search(settings, score_w, w_grid))
+        w_hat = weight_quant(rows)
+
+        def score_x(scales: Tensor, zps: Tensor, w_hat: Tensor = w_hat) -> Tensor:
+            def quantize(inp: Tensor, sl: slice) -> Tensor:
+                return asym_fake_quant(inp, scales[sl, :, None], zps[sl, :, None], a_bits)
+
+            return linear_input_error(x, target, w_hat, quantize, scales.shape[0])[:, None]
+
+        best = _search(settings, score_x, x_grid, ACTIVATION_SCALE_FLOOR)
+        input_quant.set_params(best.scale, best.zero_point)
+
+
+def _set_rows(quantizer: UniformQuantizer, result) -> None:
+    shape = quantizer.scale.shape
+    quantizer.set_params(result.scale.reshape(shape), result.zero_point.reshape(shape))
+
+
+def channelwise_input_search(
+    x: Tensor, n_bits: int, settings: SearchSettings
+) -> tuple[Tensor, Tensor]:
+    """§3 step 1: per-channel (scale, zero point) minimising the per-channel input error."""
+    grid = activation_grid(x.reshape(-1, x.shape[-1]).T, n_bits, settings.eq_n)
+    best = _search(settings, input_self_error(x, n_bits), grid, ACTIVATION_SCALE_FLOOR)
+    return best.scale, best.zero_point
+
+
+def calibrate_post_gelu_log(
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    weight_quant: UniformQuantizer,
+    input_quant: LogQuantizer,
+    settings: SearchSettings,
+    transplant: bool = True,
+) -> None:
+    """§5.7(C): fc2 behind GELU with a shifted AdaLog (or log2 / log√2) input quantizer.
+
+    With ``transplant`` (reference) log2/log√2 take the scale found by the AdaLog search
+    (§10.8); otherwise they search their own scale over the same range.
+    """
+    target = y if bias is None else y - bias
+    n_w, n_a = weight_quant.n_bits, input_quant.n_bits
+    shift = float(input_quant.shift)
+    w_grid = weight_grid(weight, n_w, settings.eq_n, settings.zp_cap)
+    _set_rows(weight_quant, _search(settings, weight_self_error(weight, n_w), w_grid))
+    scale_grid = adalog_scale_grid(x, settings.eq_n, shift)
+    log_x = log_exponent(x, shift)
+    q_cands = adalog_q_candidates(settings.eq_n)
+    scale, q = scale_grid.scales[-2], torch.tensor(37)
+    own_kind = input_quant.kind if not transplant else "adalog"
+    for _ in range(settings.rounds):
+        scorer = _LogInputScorer(x, log_x, target, weight_quant(weight), n_a, shift)
+        if own_kind == "adalog":
+            search = fpcs_adalog if settings.fpcs else exhaustive_adalog
+            kwargs = {"steps": settings.steps} if settings.fpcs else {"eq_n": settings.eq_n}
+            fixed_scale = scale
+
+            def score_q(qs: Tensor, sc=scorer, s=fixed_scale) -> Tensor:
+                return sc.adalog(s.expand(qs.shape[0]), qs)
+
+            result = search(
+                score_q,
+                scorer.adalog,
+                scale_grid.lo,
+                scale_grid.hi,
+                q_cands,
+                **kwargs,
+            )
+            scale, q = result.scale, result.q
+        else:
+            scale = _fixed_base_scale(scorer, own_kind, scale_grid, settings)
+        _set_log(input_quant, scale, q)
+        score_w = weight_output_error(input_quant(x), target, weight, n_w)
+        _set_rows(weight_quant, _search(settings, score_w, w_grid))
+    _set_log(input_quant, scale, q)
+
+
+def _set_log(quantizer: LogQuantizer, scale: Tensor, q: Tensor) -> None:
+    quantizer.set_params(scale=scale, q=q if quantizer.kind == "adalog" else None)
+
+
+def _fixed_base_scale(scorer, kind: str, scale_grid, settings: SearchSettings) -> Tensor:
+    """Scale-only search of a log2/log√2 quantizer over the AdaLog range (option 'own')."""
+    scales = scale_grid.scales[:, None]
+    zeros = torch.zeros_like(scales)
+
+    def score(s: Tensor, _z: Tensor) -> Tensor:
+        return scorer.fixed(s[:, 0], kind)[:, None]
+
+    return _search(settings, score, UniformGrid(scales, zeros)).scale[0]
+
+
+class _LogInputScorer:
+    """Per-tensor layer-output error of log-quantized inputs (post-GELU fc2)."""
+
+    def __init__(self, x, log_x, target, w_hat, n_bits, shift) -> None:
+        self.x, self.log_x, self.target, self.w_hat = x, log_x, target, w_hat
+        self.n_bits, self.shift = n_bits, shift
+
+    def _error(self, luts: Tensor, log_scales: Tensor, ratios: Tensor) -> Tensor:
+        def quantize(_x: Tensor, sl: slice) -> Tensor:
+            codes = log_codes_from_exponent(
+                self.log_x[None], log_scales[sl, None, None], ratios[sl, None, None]
+            )
+            part = luts[sl]
+            offsets = torch.arange(part.shape[0])[:, None, None] * part.shape[1]
+            return part.reshape(-1)[codes + offsets]
+
+        return linear_input_error(self.x, self.target, self.w_hat, quantize, luts.shape[0])
+
+    def adalog(self, scales: Tensor, qs: Tensor) -> Tensor:
+        max_code = int(LOG_FLOOR_EXPONENT * ADALOG_R / int(qs.min())) + 1
+        levels = adalog_levels(qs.long(), self.n_bits)
+        luts = log_lut(levels, scales, self.shift, max_code)
+        return self._error(luts, torch.log2(scales), ADALOG_R / qs.to(scales.dtype))
+
+    def fixed(self, scales: Tensor, kind: str) -> Tensor:
+        n = 2**self.n_bits
+        ratio = 1.0 if kind == "log2" else 2.0
+        k = torch.arange(n, dtype=scales.dtype)
+        levels = (2.0 ** (-k / ratio)).expand(scales.shape[0], n)
+        luts = log_lut(levels, scales, self.shift, int(LOG_FLOOR_EXPONENT * ratio) + 1)
+        return self._error(luts, torch.log2(scales), torch.full_like(scales, ratio))
+
+
+def calibrate_post_gelu_twin(
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    weight_quant: UniformQuantizer,
+    input_quant: TwinUniformQuantizer,
+    settings: SearchSettings,
+) -> None:
+    """§5.7(D): PTQ4ViT twin-uniform post-GELU input, s_pos from 29 powers of two."""
+    target = y if bias is None else y - bias
+    n_w, n_a = weight_quant.n_bits, input_quant.n_bits
+    half = 2 ** (n_a - 1)
+    s_neg = torch.tensor(twin_neg_scale(n_a))
+    input_quant.set_params(s_pos=x.abs().max() / (half - 0.5), s_neg=s_neg)
+    w_grid = weight_grid(weight, n_w, settings.eq_n, settings.zp_cap)
+    _set_rows(weight_quant, _search(settings, weight_self_error(weight, n_w), w_grid))
+    candidates = twin_pos_candidates(n_a)
+    for _ in range(settings.rounds):
+        w_hat = weight_quant(weight)
+
+        def quantize(inp: Tensor, sl: slice) -> Tensor:
+            return twin_fake_quant(inp, candidates[sl, None, None], s_neg, n_a)
+
+        errors = linear_input_error(x, target, w_hat, quantize, candidates.numel())
+        input_quant.set_params(s_pos=candidates[int(torch.argmin(errors))])
+        score_w = weight_output_error(input_quant(x), target, weight, n_w)
+        _set_rows(weight_quant, _search(settings, score_w, w_grid))
+
+
+# -- matmuls -------------------------------------------------------------------------------------
+
+
+def _head_groups(t: Tensor) -> Tensor:
+    """``(B, H, ·, ·)`` → ``(H, B·rest)`` for per-head grids."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _head_error(out: Tensor, target: Tensor) -> Tensor:
+    """``(k, B, H, m, n)`` vs ``(B, H, m, n)`` → per-head squared error ``(k, H)``."""
+    return (out - target).square_().sum((1, 3, 4))
+
+
+def _per_head(quantizer: UniformQuantizer, result) -> None:
+    quantizer.set_params(result.scale.reshape(1, -1, 1, 1), result.zero_point.reshape(1, -1, 1, 1))
+
+
+def _init_per_head(quantizer: UniformQuantizer, grid: UniformGrid) -> None:
+    s, z = initial_candidate(grid.scales, grid.zero_points)
+    quantizer.set_params(s.reshape(1, -1, 1, 1), z.reshape(1, -1, 1, 1))
+
+
+def _operand_a_score(a: Tensor, b_hat: Tensor, target: Tensor, n_bits: int):
+    """Per-head error of ``Â @ B̂`` over A candidates, via the Gram ``B̂ B̂ᵀ`` (d×d per item)."""
+    gram = b_hat @ b_hat.transpose(-1, -2)  # (B, H, d, d) with a: (B, H, m, d)
+    proj = target @ b_hat.transpose(-1, -2)  # (B, H, m, d)
+
+    def score(scales: Tensor, zps: Tensor) -> Tensor:
+        def part(sl: slice) -> Tensor:
+            s, z = scales[sl, None, :, None, None], zps[sl, None, :, None, None]
+            a_hat = asym_fake_quant(a[None], s, z, n_bits)
+            quad = ((a_hat @ gram) * a_hat).sum((1, 3, 4))
+            return quad - 2 * (a_hat * proj).sum((1, 3, 4))
+
+        return in_chunks(scales.shape[0], 3 * a.numel(), part)
+
+    return score
+
+
+def _operand_b_score(a_hat: Tensor, b: Tensor, target: Tensor, n_bits: int):
+    """Per-head error of ``Â @ B̂`` over B candidates: Gram ``ÂᵀÂ`` when it is smaller."""
+    m, d = a_hat.shape[-2:]
+    if d < m:
+        gram = a_hat.transpose(-1, -2) @ a_hat  # (B, H, d, d)
+        proj = a_hat.transpose(-1, -2) @ target  # (B, H, d, n)
+
+        def part_gram(sl: slice, scales: Tensor, zps: Tensor) -> Tensor:
+            s, z = scales[sl, None, :, None, None], zps[sl, None, :, None, None]
+            b_hat = asym_fake_quant(b[None], s, z, n_bits)
+            quad = ((gram @ b_hat) * b_hat).sum((1, 3, 4))
+            return quad - 2 * (b_hat * proj).sum((1, 3, 4))
+
+        per_candidate = 3 * b.numel()
+        part = part_gram
+    else:
+
+        def part_direct(sl: slice, scales: Tensor, zps: Tensor) -> Tensor:
+            s, z = scales[sl, None, :, None, None], zps[sl, None, :, None, None]
+            return _head_error(a_hat @ asym_fake_quant(b[None], s, z, n_bits), target)
+
+        per_candidate = b.numel() + 2 * target.numel()
+        part = part_direct
+
+    def score(scales: Tensor, zps: Tensor) -> Tensor:
+        return in_chunks(scales.shape[0], per_candidate, lambda sl: part(sl, scales, zps))
+
+    return score
+
+
+def calibrate_matmul_qk(
+    a: Tensor,
+    b: Tensor,
+    a_quant: UniformQuantizer,
+    b_quant: UniformQuantizer,
+    settings: SearchSettings,
+) -> None:
+    """§5.7(E): per-head A (q) and B (kᵀ), alternating on the per-head output error."""
+    target = a @ b
+    n_b = b_quant.n_bits
+    a_grid = matmul_grid(_head_groups(a), n_b, settings.eq_n)
+    b_grid = matmul_grid(_head_groups(b), n_b, settings.eq_n)
+    _init_per_head(a_quant, a_grid)
+    _init_per_head(b_quant, b_grid)
+    for _ in range(settings.rounds):
+        score_a = _operand_a_score(a, b_quant(b), target, a_quant.n_bits)
+        _per_head(a_quant, _search(settings, score_a, a_grid))
+        score_b = _operand_b_score(a_quant(a), b, target, n_b)
+        _per_head(b_quant, _search(settings, score_b, b_grid))
+
+
+def calibrate_matmul_av(
+    attn: Tensor, v: Tensor, a_quant, b_quant: UniformQuantizer, settings: SearchSettings
+) -> None:
+    """§5.7(F): post-Softmax A (base search, scale 1) and per-head v."""
+    target = attn @ v
+    n_b = b_quant.n_bits
+    b_grid = matmul_grid(_head_groups(v), n_b, settings.eq_n)
+    _init_per_head(b_quant, b_grid)
+    if isinstance(a_quant, UniformQuantizer):
+        return _calibrate_av_uniform(attn, v, target, a_quant, b_quant, b_grid, settings)
+    searches_base = a_quant.kind == "adalog"
+    n_s = a_quant.n_bits
+    log_attn = torch.log2(attn.clamp_min(torch.finfo(attn.dtype).tiny))
+    for _ in range(settings.rounds if searches_base else 1):
+        if searches_base:
+            v_hat = b_quant(v)
+
+            def score_q(qs: Tensor, v_hat: Tensor = v_hat) -> Tensor:
+                errors = [_av_base_error(log_attn, v_hat, target, int(q), n_s) for q in qs]
+                return torch.stack(errors)
+
+            a_quant.set_q(best_q(score_q, adalog_q_candidates(settings.eq_n)).q)
+        score_b = _operand_b_score(a_quant(attn), v, target, n_b)
+        _per_head(b_quant, _search(settings, score_b, b_grid))
+
+
+def _av_base_error(log_attn: Tensor, v_hat: Tensor, target: Tensor, q: int, n_bits: int) -> Tensor:
+    ratio = torch.tensor(ADALOG_R / q)
+    codes = log_codes_from_exponent(log_attn, torch.tensor(0.0), ratio)
+    max_code = int(LOG_FLOOR_EXPONENT * ADALOG_R / q) + 1
+    lut = log_lut(adalog_levels(q, n_bits), torch.tensor(1.0), 0.0, max_code)
+    return (lut[codes] @ v_hat - target).square_().sum()
+
+
+def _calibrate_av_uniform(attn, v, target, a_quant, b_quant, b_grid, settings) -> None:
+    """Uniform post-Softmax ablation: per-tensor A and per-head v, alternating."""
+    a_grid = matmul_grid(attn.reshape(1, -1), b_quant.n_bits, settings.eq_n)
+    for _ in range(settings.rounds):
+        v_hat = b_quant(v)
+
+        def score_a(scales: Tensor, zps: Tensor, v_hat: Tensor = v_hat) -> Tensor:
+            def part(sl: slice) -> Tensor:
+                s, z = scales[sl].reshape(-1, 1, 1, 1, 1), zps[sl].reshape(-1, 1, 1, 1, 1)
+                a_hat = asym_fake_quant(attn[None], s, z, a_quant.n_bits)
+                return (a_hat @ v_hat - target).square_().sum((1, 2, 3, 4))[:, None]
+
+            return in_chunks(scales.shape[0], 2 * attn.numel(), part)
+
+        best = _search(settings, score_a, a_grid)
+        a_quant.set_params(best.scale.reshape(1), best.zero_point.reshape(1))
+        score_b = _operand_b_score(a_quant(attn), v, target, b_quant.n_bits)
+        _per_head(b_quant, _search(settings, score_b, b_grid))
+
+
+# -- conv ---------------------------------------------------------------------------------------
+
+
+def calibrate_conv_weight(
+    patches: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    weight_quant: UniformQuantizer,
+    settings: SearchSettings,
+) -> None:
+    """§5.7(G): one FPCS of the per-out-channel weight on the conv output, FP input.
+
+    ``patches``: unfolded input ``(T, C·kh·kw)``; ``y``: outputs ``(T, O)``.
+    """
+    rows = weight.reshape(weight.shape[0], -1)
+    target = y if bias is None else y - bias
+    grid = weight_grid(rows, weight_quant.n_bits, settings.eq_n, zp_cap=None)
+    score = weight_output_error(patches, target, rows, weight_quant.n_bits)
+    _set_rows(weight_quant, _search(settings, score, grid))
+
