@@ -79,8 +79,9 @@ def test_weight_grid_scale_formula_by_hand():
     expected0 = (11.4 + j / 31 * (15 - 11.4)) / 7
     torch.testing.assert_close(scales[:32, 0], expected0)
     torch.testing.assert_close(scales[:32, 1], 2 * expected0)
-    torch.testing.assert_close(coarse_spacing(scales), torch.tensor([3.6, 7.2]) / (31 * 7),
-                               check_dtype=False)
+    torch.testing.assert_close(
+        coarse_spacing(scales), torch.tensor([3.6, 7.2]) / (31 * 7), check_dtype=False
+    )
     s0, z0 = initial_candidate(scales, zps)  # candidate 126: largest zp, second-largest scale
     torch.testing.assert_close(s0, scales[30])
     assert z0.tolist() == [5.0, 5.0]
@@ -141,8 +142,9 @@ def test_linear_quantile_matches_torch():
         torch.testing.assert_close(linear_quantile(x, q, dim=dim), torch.quantile(x, q, dim=dim))
 
 
-@pytest.mark.parametrize(("n", "limit", "sizes"), [(100, 25, [25] * 4), (100, 50, [50] * 2),
-                                                   (101, 30, [26, 25, 25, 25])])
+@pytest.mark.parametrize(
+    ("n", "limit", "sizes"), [(100, 25, [25] * 4), (100, 50, [50] * 2), (101, 30, [26, 25, 25, 25])]
+)
 def test_linear_quantile_chunk_average(n, limit, sizes):
     x = torch.randn(n, dtype=torch.float64) ** 3
     q = torch.tensor([0.0, 0.1, 0.9, 1.0], dtype=torch.float64)
@@ -230,12 +232,15 @@ def test_fpcs_uniform_beam_offsets_shrink_and_cost():
         torch.testing.assert_close(stage.delta, delta)
         parents = prev.scales.gather(0, prev.kept)
         kids = stage.scales.reshape(16, 8, 3)
-        torch.testing.assert_close(kids - parents[:, None],
-                                   (offsets[None, :, None] * delta).expand_as(kids))
+        torch.testing.assert_close(
+            kids - parents[:, None], (offsets[None, :, None] * delta).expand_as(kids)
+        )
         gaps = kids[:, 1:] - kids[:, :-1]  # ±Δ/2 in 7 equal intervals
         torch.testing.assert_close(gaps, (delta / 7).expand_as(gaps))
-        assert torch.equal(stage.others.reshape(16, 8, 3), prev.others.gather(0, prev.kept)[:, None]
-                           .expand(16, 8, 3))
+        assert torch.equal(
+            stage.others.reshape(16, 8, 3),
+            prev.others.gather(0, prev.kept)[:, None].expand(16, 8, 3),
+        )
         assert set(stage.others.flatten().tolist()) <= coarse_zps
         delta = delta / 7.5
     last = trace.stages[-1]
@@ -266,6 +271,7 @@ def test_fpcs_uniform_matches_plain_transcription_and_groups_are_independent():
     scales, zps, s_star, z_star, score = _problem()
     joint = fpcs_uniform(score, scales, zps)
     for g in range(3):
+
         def score_g(s, z, g=g):
             return score(s.expand(-1, 3), z.expand(-1, 3))[:, g : g + 1]
 
@@ -358,8 +364,14 @@ def test_fpcs_adalog_structure_and_result():
     score_q, score_joint = _adalog_scores()
     q_cands = adalog_q_candidates()
     trace = SearchTrace()
-    result = fpcs_adalog(score_q, score_joint, torch.tensor(LO, dtype=torch.float64),
-                         torch.tensor(HI, dtype=torch.float64), q_cands, trace=trace)
+    result = fpcs_adalog(
+        score_q,
+        score_joint,
+        torch.tensor(LO, dtype=torch.float64),
+        torch.tensor(HI, dtype=torch.float64),
+        q_cands,
+        trace=trace,
+    )
     assert trace.evaluations == 896
     assert [st.kept.shape[0] for st in trace.stages] == [8, 32, 32, 32, 32, 32, 1]
     # base pre-selection in score order, ties by lower q
@@ -375,8 +387,9 @@ def test_fpcs_adalog_structure_and_result():
         torch.testing.assert_close(stage.delta, delta)
         parents = prev.scales.gather(0, prev.kept)
         kids = stage.scales.reshape(32, 4, 1)
-        torch.testing.assert_close(kids - parents[:, None],
-                                   (offsets[None, :, None] * delta).expand_as(kids))
+        torch.testing.assert_close(
+            kids - parents[:, None], (offsets[None, :, None] * delta).expand_as(kids)
+        )
         assert set(stage.others.flatten().tolist()) <= set(kept_q)
         delta = delta / 3.5
     assert result.q.item() == Q_STAR
@@ -405,4 +418,3 @@ def test_fpcs_adalog_validates():
         fpcs_adalog(score_q, score_joint, LO, HI, adalog_q_candidates(4))  # base_num 8 > 4
     with pytest.raises(ValueError):
         fpcs_adalog(score_q, score_joint, LO, HI, adalog_q_candidates(), beam=128)  # M = 1
-

@@ -33,18 +33,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="top-1/top-5 of a model on an image folder")
-    _add_model_args(ev, required=True)
+    _add_model_args(ev, required=False)
+    ev.add_argument("--quantized", help="evaluate the quantized checkpoint in this folder")
     _add_data_args(ev)
     ev.add_argument("--json", help="write the result to this JSON file")
     ev.set_defaults(func=_cmd_eval)
+
+    qu = sub.add_parser("quantize", help="calibrate a model with AdaLog and save it")
+    _add_model_args(qu, required=True)
+    qu.add_argument("--calib-data", required=True, help="ImageNet-style folder of <wnid>/ images")
+    qu.add_argument(
+        "--calib-list",
+        help="file list of the calibration images (default: first calib_size images of the folder)",
+    )
+    qu.add_argument("--preset", default="w4a4", choices=("w3a3", "w4a4", "w6a6"))
+    qu.add_argument("--config", help="JSON/YAML config file (replaces --preset)")
+    qu.add_argument("--seed", type=int, help="seed of the calibration augmentation and search")
+    qu.add_argument(
+        "--eval-transform",
+        action="store_true",
+        help="calibrate on the eval transform instead of training augmentation",
+    )
+    qu.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
+    qu.set_defaults(func=_cmd_quantize)
     return parser
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from adalog.models import create_model
+    from adalog.pipelines.checkpoint import load_quantized
     from adalog.pipelines.evaluate import build_eval_loader, evaluate
 
-    model = create_model(args.model, weights=args.weights)
+    if args.quantized:
+        model = load_quantized(args.quantized, expected_model=args.model)
+        name = model.adalog_meta["model"]
+    elif args.model:
+        model, name = create_model(args.model, weights=args.weights), args.model
+    else:
+        raise AdalogError("pass --model (FP evaluation) or --quantized QDIR")
     loader = build_eval_loader(
         model,
         args.data,
@@ -55,8 +81,34 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         workers=args.workers,
         skip_bad_images=args.skip_bad_images,
     )
-    result = evaluate(model, loader, device=args.device, name=args.model)
+    result = evaluate(model, loader, device=args.device, name=name)
+    if args.quantized:
+        result.extra["quantized"] = str(args.quantized)
+        result.extra["bits"] = model.adalog_meta["bits"]
     _report(result, args.json)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from adalog.config import AdaLogConfig
+    from adalog.models import create_model
+    from adalog.pipelines.calibrate import calibrate, load_calibration_images
+    from adalog.pipelines.checkpoint import save_quantized
+
+    config = AdaLogConfig.load(args.config) if args.config else AdaLogConfig.preset(args.preset)
+    overrides = {}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.eval_transform:
+        overrides["calib_augment"] = False
+    config = config.with_overrides(**overrides)
+    model = create_model(args.model, weights=args.weights)
+    images = load_calibration_images(model, args.calib_data, args.calib_list, config)
+    calibrate(model, images, config)
+    save_quantized(model, args.out)
+    print(
+        f"wrote quantized {args.model} ({config.w_bits}/{config.a_bits}/{config.s_bits} bits) "
+        f"to {args.out}"
+    )
 
 
 def _report(result, json_path: str | None) -> None:

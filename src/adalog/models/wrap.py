@@ -48,9 +48,13 @@ class Target:
         return self.name
 
 
-def wrap_model(model: nn.Module, config: AdaLogConfig) -> list[Target]:
-    """Insert quantized modules into ``model`` (in place); return the calibration plan."""
-    family = model_family(model)
+def wrap_model(model: nn.Module, config: AdaLogConfig, calibrating: bool = True) -> list[Target]:
+    """Insert quantized modules into ``model`` (in place); return the calibration plan.
+
+    ``calibrating=False`` builds the post-calibration structure for loading a checkpoint:
+    post-LayerNorm inputs are then already folded and per tensor (§3 step 7).
+    """
+    model_family(model)  # refuses unsupported families
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError("model is already wrapped")
     for module in model.modules():
@@ -62,7 +66,7 @@ def wrap_model(model: nn.Module, config: AdaLogConfig) -> list[Target]:
             role = "matmul_av" if name.endswith("matmul2") else "matmul_qk"
             targets.append(Target(name, module, role))
         elif isinstance(module, nn.Linear):
-            targets.append(_replace_linear(model, name, module, config, family))
+            targets.append(_replace_linear(model, name, module, config, calibrating))
         elif isinstance(module, nn.Conv2d):
             quantized = QuantConv2d(module, config.w_bits, input_quant=None)
             _set_submodule(model, name, quantized)
@@ -101,7 +105,7 @@ def _post_gelu_quantizer(config: AdaLogConfig) -> nn.Module:
 
 
 def _replace_linear(
-    model: nn.Module, name: str, linear: nn.Linear, config: AdaLogConfig, family: str
+    model: nn.Module, name: str, linear: nn.Linear, config: AdaLogConfig, calibrating: bool
 ) -> Target:
     leaf = name.rsplit(".", 1)[-1]
     norm = _folding_norm(name, leaf)
@@ -111,7 +115,7 @@ def _replace_linear(
     elif leaf == "fc2" and config.post_gelu != "uniform":
         quantized = QuantLinear(linear, config.w_bits, _post_gelu_quantizer(config))
         target = Target(name, quantized, "linear_gelu")
-    elif norm is not None and config.folds_layernorm:
+    elif norm is not None and config.folds_layernorm and calibrating:
         quantized = QuantLinear(
             linear, config.w_bits, UniformQuantizer(config.a_bits, (linear.in_features,))
         )
@@ -143,9 +147,7 @@ def _execution_order(targets: list[Target]) -> list[Target]:
     proj, fc1, fc2); blocks keep ``named_modules`` order."""
     blocks = list(dict.fromkeys(t.block for t in targets))
     rank = {b: i for i, b in enumerate(blocks)}
-    return sorted(
-        targets, key=lambda t: (rank[t.block], _ORDER.get(t.name.rsplit(".", 1)[-1], -1))
-    )
+    return sorted(targets, key=lambda t: (rank[t.block], _ORDER.get(t.name.rsplit(".", 1)[-1], -1)))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -19,6 +19,7 @@ from adalog.data import LabeledImageFolder, calibration_transform, scan_image_fo
 from adalog.errors import DataError
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
 from adalog.models.wrap import Target, wrap_model
+from adalog.pipelines.checkpoint import quantization_meta
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
 from adalog.search.procedures import (
     SearchSettings,
@@ -95,9 +96,17 @@ def _cat(chunks: list, index: int | None = None) -> Tensor:
 
 
 def calibrate(
-    model: nn.Module, images: Tensor, config: AdaLogConfig, progress: bool = True
+    model: nn.Module,
+    images: Tensor,
+    config: AdaLogConfig,
+    progress: bool = True,
+    model_kwargs: dict | None = None,
 ) -> nn.Module:
-    """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode."""
+    """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode.
+
+    ``model_kwargs`` are the timm constructor arguments beyond the name, recorded so that a
+    saved checkpoint can rebuild the same architecture.
+    """
     if images.dim() != 4 or images.shape[0] == 0:
         raise DataError(
             f"calibration images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}"
@@ -125,6 +134,8 @@ def calibrate(
     bar.close()
     set_quant_mode(model, True)
     fold_post_gelu_shift(model)
+    name = model.pretrained_cfg.get("architecture", type(model).__name__)
+    model.adalog_meta = quantization_meta(name, config, model_kwargs)
     return model
 
 

@@ -424,4 +424,3 @@ def calibrate_conv_weight(
     grid = weight_grid(rows, weight_quant.n_bits, settings.eq_n, zp_cap=None)
     score = weight_output_error(patches, target, rows, weight_quant.n_bits)
     _set_rows(weight_quant, _search(settings, score, grid))
-

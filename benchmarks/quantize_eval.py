@@ -1,0 +1,73 @@
+"""Calibrate a model with AdaLog and evaluate it on dev-rest; print a table row, write JSON.
+
+Example (the shared benchmark, reference calibration tensors):
+    python benchmarks/quantize_eval.py --preset w4a4 --calib-tensor \
+        ../shared/data/imagenet-sample/reference_calib32_vit_tiny.safetensors --out runs/w4a4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from adalog.config import AdaLogConfig
+from adalog.io import atomic_write_json
+from adalog.models import create_model
+from adalog.pipelines.calibrate import calibrate, load_calibration_images
+from adalog.pipelines.evaluate import build_eval_loader, evaluate
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SAMPLE = SHARED / "data" / "imagenet-sample"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser.add_argument(
+        "--weights",
+        default=str(SHARED / "models" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"),
+    )
+    parser.add_argument("--preset", default="w4a4")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="config overrides key=value (JSON values)"
+    )
+    parser.add_argument(
+        "--calib-tensor", help="safetensors file with tensor 'x' of calibration inputs"
+    )
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config = AdaLogConfig.preset(args.preset, seed=args.seed, **overrides)
+    model = create_model(args.model, weights=args.weights)
+    if args.calib_tensor:
+        images = load_file(args.calib_tensor)["x"]
+    else:
+        images = load_calibration_images(model, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
+    start = time.perf_counter()
+    calibrate(model, images, config)
+    calib_seconds = time.perf_counter() - start
+    loader = build_eval_loader(model, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
+    result = evaluate(model, loader, name=args.model)
+    row = result.to_json() | {
+        "preset": args.preset,
+        "config": config.to_dict(),
+        "calib_seconds": calib_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "calib_source": args.calib_tensor or "calib32.txt",
+    }
+    atomic_write_json(args.out, row)
+    print(
+        f"| {args.model} | {args.preset} {overrides or ''} | {result.top1:.4f} | {result.top5:.4f} "
+        f"| {calib_seconds / 60:.1f} min | {row['peak_rss_mb']:.0f} MB |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Save and load quantized models: ``model.safetensors`` (folded weights, quantizer state,
+AdaLog q and tables) plus ``adalog.json`` (model name, constructor kwargs, config, version)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from adalog import __version__
+from adalog.config import AdaLogConfig
+from adalog.errors import ConfigError, WeightsError
+from adalog.io import atomic_write, atomic_write_json
+from adalog.models import create_model, load_weights, read_state_dict
+from adalog.models.qmodules import QuantLinear, set_quant_mode
+from adalog.models.wrap import wrap_model
+
+FORMAT_VERSION = 1
+META_FILE = "adalog.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_quantized(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write a calibrated model (see :func:`adalog.pipelines.calibrate.calibrate`)."""
+    meta = getattr(model, "adalog_meta", None)
+    if meta is None:
+        raise ConfigError("model was not quantized by adalog (no adalog_meta); nothing to save")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    atomic_write_json(out_dir / META_FILE, meta | {"format_version": FORMAT_VERSION})
+    return out_dir
+
+
+def read_meta(qdir: str | Path) -> dict[str, Any]:
+    path = Path(qdir) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{qdir} is not an adalog checkpoint ({path}: {exc})") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"{path}: checkpoint format {meta.get('format_version')!r} is not supported by "
+            f"adalog {__version__} (expects {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def load_quantized(qdir: str | Path, expected_model: str | None = None) -> nn.Module:
+    """Rebuild the quantized model of ``qdir`` in quant mode; ``expected_model`` guards
+    against evaluating a checkpoint made for another architecture."""
+    meta = read_meta(qdir)
+    if expected_model is not None and expected_model.split(".")[0] != meta["model"].split(".")[0]:
+        raise ConfigError(
+            f"checkpoint {qdir} was made for model '{meta['model']}', not '{expected_model}'"
+        )
+    config = AdaLogConfig.from_dict(meta["config"])
+    model = create_model(meta["model"], pretrained=False, **meta.get("model_kwargs", {}))
+    wrap_model(model, config, calibrating=False)
+    model.eval()
+    state = read_state_dict(Path(qdir) / WEIGHTS_FILE)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and module.bias is None and f"{name}.bias" in state:
+            module.ensure_bias()  # Swin reduction gained a bias in the LayerNorm fold (§10.15)
+    try:
+        load_weights(model, state)
+    except WeightsError as exc:
+        raise ConfigError(f"checkpoint {qdir} does not match its model/config: {exc}") from exc
+    model.adalog_meta = meta
+    set_quant_mode(model, True)
+    return model.eval()
+
+
+def quantization_meta(
+    model_name: str, config: AdaLogConfig, model_kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "adalog_version": __version__,
+        "model": model_name,
+        "model_kwargs": model_kwargs or {},
+        "config": config.to_dict(),
+        "bits": {"w": config.w_bits, "a": config.a_bits, "s": config.s_bits},
+    }

@@ -1,0 +1,201 @@
+"""End-to-end calibration on small random timm models: folds, determinism, checkpoints, CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import adalog
+import adalog.cli
+from adalog.config import AdaLogConfig
+from adalog.errors import ConfigError
+from adalog.models.qmodules import QuantLinear, set_quant_mode
+from adalog.quant import LogQuantizer, UniformQuantizer
+from tests.conftest import write_image
+
+SMALL = AdaLogConfig.w4a4(eq_n=32, search_rounds=1, fpcs_steps=2)
+VIT_KW = {"depth": 2, "img_size": 64, "patch_size": 16}
+SWIN_KW = {"img_size": 64, "window_size": 4, "depths": (1, 1), "num_heads": (1, 2), "embed_dim": 24}
+
+
+def _model(name: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def _images(n: int = 4, size: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("vit_tiny_patch16_224", VIT_KW), ("swin_tiny_patch4_window7_224", SWIN_KW)],
+)
+def test_layernorm_fold_keeps_fp_network(name, kwargs):
+    model, images = _model(name, kwargs), _images()
+    with torch.no_grad():
+        reference = model(images)
+        adalog.quantize(model, images, SMALL.with_overrides(bias_reparam=False), progress=False)
+        set_quant_mode(model, False)
+        folded = model(images)
+    assert _relative(folded, reference) < 1e-5
+    norm1 = model.get_submodule("blocks.0.norm1" if "vit" in name else "layers.0.blocks.0.norm1")
+    assert not torch.allclose(norm1.weight, torch.ones_like(norm1.weight))  # the fold happened
+    qkv = model.get_submodule(
+        "blocks.0.attn.qkv" if "vit" in name else "layers.0.blocks.0.attn.qkv"
+    )
+    assert qkv.input_quant.scale.shape == (1,)  # per tensor after the fold
+
+
+def test_post_gelu_fold_keeps_quantized_network():
+    model, images = _model("vit_tiny_patch16_224", VIT_KW), _images()
+    adalog.quantize(model, images, SMALL, progress=False)
+    fc2 = model.blocks[0].mlp.fc2
+    assert isinstance(fc2.input_quant, LogQuantizer) and bool(fc2.input_quant.shift_folded)
+    with torch.no_grad():
+        folded = model(images)
+        for module in model.modules():
+            if isinstance(module, QuantLinear) and isinstance(module.input_quant, LogQuantizer):
+                shift = float(module.input_quant.shift)
+                module.bias.add_(shift * module.quantized_weight().sum(1))
+                module.input_quant.set_shift_folded(False)
+        unfolded = model(images)
+    assert _relative(folded, unfolded) < 1e-5
+
+
+def test_quantized_model_tracks_fp_and_searches_parameters():
+    model, images = _model("vit_tiny_patch16_224", VIT_KW), _images()
+    with torch.no_grad():
+        reference = model(images)
+        adalog.quantize(model, images, AdaLogConfig.w6a6(eq_n=64, search_rounds=1), progress=False)
+        quantized = model(images)
+    assert _relative(quantized, reference) < 0.5
+    attn = model.blocks[0].attn
+    assert float(attn.matmul2.a_quant.scale) == 1.0  # post-softmax scale is never searched
+    assert 10 <= int(attn.matmul2.a_quant.q) <= 73  # q candidates 10..10+eq_n-1
+    assert attn.matmul1.a_quant.scale.shape == (1, 3, 1, 1)  # per head
+    w_scale = attn.qkv.weight_quant.scale
+    assert w_scale.shape == (attn.qkv.out_features, 1) and w_scale.unique().numel() > 1
+
+
+def test_same_seed_gives_bit_identical_parameters():
+    states = []
+    for _ in range(2):
+        model = _model("vit_tiny_patch16_224", VIT_KW)
+        adalog.quantize(model, _images(), SMALL, progress=False)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"),
+    [
+        ("deit_tiny_patch16_224", {"img_size": 64}, 64),
+        ("swin_tiny_patch4_window7_224", {}, 224),
+    ],
+)
+def test_random_deit_and_swin_quantize_save_load(tmp_path: Path, name, kwargs, size):
+    model, images = _model(name, kwargs), _images(1, size)
+    adalog.quantize(model, images, SMALL, progress=False, model_kwargs=kwargs)
+    with torch.no_grad():
+        before = model(images)
+    adalog.save_quantized(model, tmp_path / "q")
+    loaded = adalog.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(images), before)
+    if name.startswith("swin"):
+        assert loaded.layers[1].downsample.reduction.bias is not None  # bias created by the fold
+
+
+def test_checkpoint_for_other_model_or_config_is_refused(tmp_path: Path):
+    model = _model("vit_tiny_patch16_224", VIT_KW)
+    adalog.quantize(model, _images(), SMALL, progress=False, model_kwargs=VIT_KW)
+    adalog.save_quantized(model, tmp_path / "q")
+    with pytest.raises(ConfigError, match="made for model 'vit_tiny_patch16_224'"):
+        adalog.load_quantized(tmp_path / "q", expected_model="deit_small_patch16_224")
+    meta_path = tmp_path / "q" / "adalog.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["post_gelu"] = "uniform"  # fc2 would have a uniform input: keys differ
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="does not match"):
+        adalog.load_quantized(tmp_path / "q")
+    meta["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="format 99"):
+        adalog.load_quantized(tmp_path / "q")
+
+
+def test_cli_quantize_then_eval_quantized(tmp_path: Path):
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), str(weights))
+    data = tmp_path / "data"
+    for i, wnid in enumerate(["n01440764", "n01443537"]):
+        write_image(data / wnid / f"{wnid}_0.png", seed=i, size=256)
+    config = tmp_path / "small.yaml"
+    SMALL.with_overrides(calib_size=2).save(config)
+    qdir = tmp_path / "q"
+    assert (
+        adalog.cli.main(
+            [
+                "quantize",
+                "--model",
+                "deit_tiny_patch16_224",
+                "--weights",
+                str(weights),
+                "--calib-data",
+                str(data),
+                "--config",
+                str(config),
+                "--out",
+                str(qdir),
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((qdir / "adalog.json").read_text())["config"]["seed"] == 3
+    out = tmp_path / "eval.json"
+    assert (
+        adalog.cli.main(
+            [
+                "eval",
+                "--quantized",
+                str(qdir),
+                "--data",
+                str(data),
+                "--json",
+                str(out),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["n"] == 2 and result["bits"] == {"w": 4, "a": 4, "s": 4}
+
+
+def test_config_round_trip_and_validation(tmp_path: Path):
+    config = AdaLogConfig.w3a3(post_gelu="twin", eq_n=64)
+    for suffix in (".json", ".yaml"):
+        config.save(tmp_path / f"c{suffix}")
+        assert AdaLogConfig.load(tmp_path / f"c{suffix}") == config
+    assert (AdaLogConfig.w6a6().w_bits, AdaLogConfig.w6a6().s_bits) == (6, 6)
+    with pytest.raises(ConfigError, match="2..8"):
+        AdaLogConfig(w_bits=9)
+    with pytest.raises(ConfigError, match="post_gelu"):
+        AdaLogConfig(post_gelu="cubic")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        AdaLogConfig.preset("w5a5")
+    assert isinstance(UniformQuantizer(4), torch.nn.Module)
