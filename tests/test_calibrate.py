@@ -13,7 +13,7 @@ import adalog.cli
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.models.qmodules import QuantLinear, set_quant_mode
-from adalog.quant import LogQuantizer, UniformQuantizer
+from adalog.quant import LogQuantizer
 from tests.conftest import write_image
 
 SMALL = AdaLogConfig.w4a4(eq_n=32, search_rounds=1, fpcs_steps=2)
@@ -198,4 +198,3 @@ def test_config_round_trip_and_validation(tmp_path: Path):
         AdaLogConfig(post_gelu="cubic")
     with pytest.raises(ConfigError, match="unknown preset"):
         AdaLogConfig.preset("w5a5")
-    assert isinstance(UniformQuantizer(4), torch.nn.Module)
