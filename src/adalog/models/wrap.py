@@ -25,13 +25,12 @@ from adalog.models.qmodules import (
 )
 from adalog.quant import GELU_SHIFT, LogQuantizer, TwinUniformQuantizer, UniformQuantizer
 
-ROLES = ("conv", "linear", "linear_ln", "linear_gelu", "matmul_qk", "matmul_av")
-
 
 @dataclass
 class Target:
-    """One module to calibrate: its dotted name, the module, its role and, for post-LayerNorm
-    linears that fold (§3), the name of the LayerNorm that receives the scales."""
+    """One module to calibrate: its dotted name, the module, its role (conv, linear, linear_ln,
+    linear_gelu, matmul_qk or matmul_av) and, for post-LayerNorm linears that fold (§3), the
+    name of the LayerNorm that receives the scales."""
 
     name: str
     module: QuantModule
