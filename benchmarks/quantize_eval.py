@@ -19,6 +19,7 @@ from adalog.config import AdaLogConfig
 from adalog.io import atomic_write_json
 from adalog.models import create_model
 from adalog.pipelines.calibrate import calibrate, load_calibration_images
+from adalog.pipelines.checkpoint import save_quantized
 from adalog.pipelines.evaluate import build_eval_loader, evaluate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -41,6 +42,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--save", help="also save the quantized model to this directory")
     args = parser.parse_args()
 
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -53,6 +55,8 @@ def main() -> None:
     start = time.perf_counter()
     calibrate(model, images, config)
     calib_seconds = time.perf_counter() - start
+    if args.save:
+        save_quantized(model, args.save)
     loader = build_eval_loader(model, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
     result = evaluate(model, loader, name=args.model)
     row = result.to_json() | {

@@ -4,6 +4,7 @@ module's search (§5.7), fold post-LayerNorm scales (§3) and the post-GELU shif
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,12 +102,15 @@ def calibrate(
     config: AdaLogConfig,
     progress: bool = True,
     model_kwargs: dict | None = None,
+    timings: dict[str, float] | None = None,
 ) -> nn.Module:
     """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode.
 
     ``model_kwargs`` are the timm constructor arguments beyond the name, recorded so that a
-    saved checkpoint can rebuild the same architecture.
+    saved checkpoint can rebuild the same architecture. ``timings``, when given, receives the
+    wall seconds of every module's search and of the FP capture passes (key ``"capture"``).
     """
+    timings = {} if timings is None else timings
     if images.dim() != 4 or images.shape[0] == 0:
         raise DataError(
             f"calibration images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}"
@@ -126,10 +130,14 @@ def calibrate(
     bar = tqdm(total=len(targets), desc="calibrate", unit="module", disable=not progress)
     for block in blocks:
         members = [t for t in targets if t.block == block]
+        start = time.perf_counter()
         records = _run_capture(model, images, config.calib_batch_size, members, members[-1].module)
+        timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - start
         for target in members:
             bar.set_description(f"calibrate {target.name}")
+            start = time.perf_counter()
             _calibrate_target(model, target, records.pop(target.name), settings, config)
+            timings[target.name] = time.perf_counter() - start
             bar.update()
     bar.close()
     set_quant_mode(model, True)

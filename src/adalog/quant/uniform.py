@@ -87,8 +87,24 @@ def asym_dequant(codes: Tensor, scale: Tensor, zero_point: Tensor, ste: bool = F
 def asym_fake_quant(
     x: Tensor, scale: Tensor, zero_point: Tensor, n_bits: int, ste: bool = False
 ) -> Tensor:
-    """Asymmetric uniform fake quantization onto the grid ``{(k - z)·s : k = 0..N-1}`` (§1.2)."""
-    return asym_dequant(asym_codes(x, scale, zero_point, n_bits, ste), scale, zero_point, ste)
+    """Asymmetric uniform fake quantization onto the grid ``{(k - z)·s : k = 0..N-1}`` (§1.2).
+
+    Without ``ste`` and outside autograd (the searches) the steps run in place on one buffer.
+    """
+    if ste or _tracks_grad(x, scale):
+        return asym_dequant(asym_codes(x, scale, zero_point, n_bits, ste), scale, zero_point, ste)
+    zp = torch.round(torch.as_tensor(zero_point, dtype=x.dtype, device=x.device))
+    out = x / scale
+    full = torch.broadcast_shapes(out.shape, zp.shape)
+    if full != out.shape:
+        out = out.expand(full).clone()
+    return out.round_().add_(zp).clamp_(0, 2**n_bits - 1).sub_(zp).mul_(scale)
+
+
+def _tracks_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in tensors
+    )
 
 
 def twin_codes(

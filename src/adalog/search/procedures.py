@@ -19,6 +19,7 @@ from adalog.quant import (
     UniformQuantizer,
     adalog_levels,
     adalog_q_candidates,
+    asym_codes,
     asym_fake_quant,
     twin_fake_quant,
 )
@@ -48,6 +49,7 @@ from adalog.search.objectives import (
     log_codes_from_exponent,
     log_exponent,
     log_lut,
+    uniform_input_error,
     weight_output_error,
     weight_self_error,
 )
@@ -104,16 +106,30 @@ def calibrate_linear(
     for _ in range(settings.rounds):
         score_w = weight_output_error(input_quant(x), target, rows, n_w)
         _set_rows(weight_quant, _search(settings, score_w, w_grid))
-        w_hat = weight_quant(rows)
-
-        def score_x(scales: Tensor, zps: Tensor, w_hat: Tensor = w_hat) -> Tensor:
-            def quantize(inp: Tensor, sl: slice) -> Tensor:
-                return asym_fake_quant(inp, scales[sl, :, None], zps[sl, :, None], a_bits)
-
-            return linear_input_error(x, target, w_hat, quantize, scales.shape[0])[:, None]
-
+        score_x = _input_score(x, target, rows, weight_quant, a_bits)
         best = _search(settings, score_x, x_grid, ACTIVATION_SCALE_FLOOR)
         input_quant.set_params(best.scale, best.zero_point)
+
+
+def _input_score(
+    x: Tensor, target: Tensor, rows: Tensor, weight_quant: UniformQuantizer, a_bits: int
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-tensor uniform input candidates scored on the layer output with the current Ŵ:
+    exactly in integers where the codes fit int8, else in float."""
+    zp = torch.round(weight_quant.zero_point)
+    w_codes = asym_codes(rows, weight_quant.scale, weight_quant.zero_point, weight_quant.n_bits)
+    exact = uniform_input_error(x, target, w_codes - zp, weight_quant.scale[:, 0], a_bits)
+    if exact is not None:
+        return exact
+    w_hat = weight_quant(rows)
+
+    def score_x(scales: Tensor, zps: Tensor) -> Tensor:
+        def quantize(inp: Tensor, sl: slice) -> Tensor:
+            return asym_fake_quant(inp, scales[sl, :, None], zps[sl, :, None], a_bits)
+
+        return linear_input_error(x, target, w_hat, quantize, scales.shape[0])[:, None]
+
+    return score_x
 
 
 def _set_rows(quantizer: UniformQuantizer, result) -> None:
@@ -211,7 +227,7 @@ class _LogInputScorer:
             )
             part = luts[sl]
             offsets = torch.arange(part.shape[0])[:, None, None] * part.shape[1]
-            return part.reshape(-1)[codes + offsets]
+            return torch.take(part, codes.add_(offsets))
 
         return linear_input_error(self.x, self.target, self.w_hat, quantize, luts.shape[0])
 
@@ -381,7 +397,7 @@ def _av_base_error(log_attn: Tensor, v_hat: Tensor, target: Tensor, q: int, n_bi
     codes = log_codes_from_exponent(log_attn, torch.tensor(0.0), ratio)
     max_code = int(LOG_FLOOR_EXPONENT * ADALOG_R / q) + 1
     lut = log_lut(adalog_levels(q, n_bits), torch.tensor(1.0), 0.0, max_code)
-    return (lut[codes] @ v_hat - target).square_().sum()
+    return (torch.take(lut, codes) @ v_hat - target).square_().sum()
 
 
 def _calibrate_av_uniform(attn, v, target, a_quant, b_quant, b_grid, settings) -> None:
