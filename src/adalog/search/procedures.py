@@ -49,6 +49,7 @@ from adalog.search.objectives import (
     log_codes_from_exponent,
     log_exponent,
     log_lut,
+    lut_values,
     uniform_input_error,
     weight_output_error,
     weight_self_error,
@@ -225,9 +226,7 @@ class _LogInputScorer:
             codes = log_codes_from_exponent(
                 self.log_x[None], log_scales[sl, None, None], ratios[sl, None, None]
             )
-            part = luts[sl]
-            offsets = torch.arange(part.shape[0])[:, None, None] * part.shape[1]
-            return torch.take(part, codes.add_(offsets))
+            return lut_values(luts[sl], codes)
 
         return linear_input_error(self.x, self.target, self.w_hat, quantize, luts.shape[0])
 
@@ -397,7 +396,7 @@ def _av_base_error(log_attn: Tensor, v_hat: Tensor, target: Tensor, q: int, n_bi
     codes = log_codes_from_exponent(log_attn, torch.tensor(0.0), ratio)
     max_code = int(LOG_FLOOR_EXPONENT * ADALOG_R / q) + 1
     lut = log_lut(adalog_levels(q, n_bits), torch.tensor(1.0), 0.0, max_code)
-    return (torch.take(lut, codes) @ v_hat - target).square_().sum()
+    return (lut_values(lut[None], codes) @ v_hat - target).square_().sum()
 
 
 def _calibrate_av_uniform(attn, v, target, a_quant, b_quant, b_grid, settings) -> None:
