@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="calibrate on the eval transform instead of training augmentation",
     )
+    _add_variant_args(qu)
     qu.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     qu.set_defaults(func=_cmd_quantize)
     return parser
@@ -88,6 +89,48 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     _report(result, args.json)
 
 
+def _add_variant_args(parser: argparse.ArgumentParser) -> None:
+    """Ablation switches applied on top of --preset / --config (issue: baselines and ablations)."""
+    from adalog.config import POST_GELU_CHOICES, POST_SOFTMAX_CHOICES, SEARCH_ENGINE_CHOICES
+
+    parser.add_argument(
+        "--post-softmax", choices=POST_SOFTMAX_CHOICES, help="post-Softmax quantizer"
+    )
+    parser.add_argument("--post-gelu", choices=POST_GELU_CHOICES, help="post-GELU quantizer")
+    parser.add_argument("--s-bits", type=int, help="bits of the post-Softmax quantizer")
+    parser.add_argument(
+        "--no-bias-reparam",
+        action="store_true",
+        help="no post-GELU shift / bias reparameterization (log quantizers see raw GELU output)",
+    )
+    parser.add_argument("--no-fpcs", action="store_true", help="plain exhaustive grid, no FPCS")
+    parser.add_argument(
+        "--log-scale-search",
+        choices=("transplant", "own"),
+        help="post-GELU log2/log-sqrt2 scale: AdaLog's (reference) or its own search",
+    )
+    parser.add_argument(
+        "--search-engine", choices=SEARCH_ENGINE_CHOICES, help="fast (default) or naive scoring"
+    )
+
+
+def variant_overrides(args: argparse.Namespace) -> dict:
+    """Config overrides named by the ablation switches (only those given)."""
+    overrides = {
+        "post_softmax": args.post_softmax,
+        "post_gelu": args.post_gelu,
+        "s_bits": args.s_bits,
+        "log_scale_search": args.log_scale_search,
+        "search_engine": args.search_engine,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_bias_reparam:
+        overrides["bias_reparam"] = False
+    if args.no_fpcs:
+        overrides["fpcs"] = False
+    return overrides
+
+
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from adalog.config import AdaLogConfig
     from adalog.models import create_model
@@ -95,7 +138,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from adalog.pipelines.checkpoint import save_quantized
 
     config = AdaLogConfig.load(args.config) if args.config else AdaLogConfig.preset(args.preset)
-    overrides = {}
+    overrides = variant_overrides(args)
     if args.seed is not None:
         overrides["seed"] = args.seed
     if args.eval_transform:

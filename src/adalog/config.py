@@ -12,6 +12,7 @@ from adalog.errors import ConfigError
 POST_SOFTMAX_CHOICES = ("adalog", "log2", "logsqrt2", "uniform")
 POST_GELU_CHOICES = ("adalog", "log2", "logsqrt2", "twin", "uniform")
 LOG_SCALE_SEARCH_CHOICES = ("transplant", "own")
+SEARCH_ENGINE_CHOICES = ("fast", "naive")
 BIT_RANGE = range(2, 9)
 
 
@@ -40,6 +41,9 @@ class AdaLogConfig:
     fpcs: bool = True
     fpcs_steps: int = 6
     zp_cap: int = 16
+    # 'fast' scores candidates with exact closed forms (same choices, much faster); 'naive'
+    # recomputes the layer output per candidate like the reference (for checks and timing).
+    search_engine: str = "fast"
     calib_size: int = 32
     calib_batch_size: int = 32
     calib_augment: bool = True
@@ -53,6 +57,7 @@ class AdaLogConfig:
         _check_choice("post_softmax", self.post_softmax, POST_SOFTMAX_CHOICES)
         _check_choice("post_gelu", self.post_gelu, POST_GELU_CHOICES)
         _check_choice("log_scale_search", self.log_scale_search, LOG_SCALE_SEARCH_CHOICES)
+        _check_choice("search_engine", self.search_engine, SEARCH_ENGINE_CHOICES)
         for name in ("eq_n", "search_rounds", "fpcs_steps", "calib_size", "calib_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

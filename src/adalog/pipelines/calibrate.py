@@ -125,6 +125,7 @@ def calibrate(
         fpcs=config.fpcs,
         steps=config.fpcs_steps,
         zp_cap=config.zp_cap,
+        engine=config.search_engine,
     )
     blocks = list(dict.fromkeys(t.block for t in targets))
     bar = tqdm(total=len(targets), desc="calibrate", unit="module", disable=not progress)

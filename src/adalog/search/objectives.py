@@ -153,11 +153,11 @@ def uniform_input_error(
 
     ``w_codes`` are the centred integer weight codes ``(O, I)`` and ``w_scale`` the per-row
     scales ``(O,)``, so ``Ŵ = w_scale[:, None] * w_codes``. Returns ``score(scales, zps)`` giving
-    ``(K, 1)`` float64 errors (up to the dropped constant ``‖target‖²``), or ``None`` when the
-    centred input codes do not fit int8 (``n_bits > 7``).
+    ``(K, 1)`` float64 errors (up to the dropped constant ``‖target‖²``), or ``None`` above 8 bits
+    (the shifted codes would not fit int8).
     """
     n_levels = 2**n_bits
-    if n_levels - 1 > 127:
+    if n_bits > 8:
         return None
     w_hat = w_scale[:, None] * w_codes
     w64 = w_codes.double()
@@ -169,7 +169,8 @@ def uniform_input_error(
     prefix = torch.zeros(flat.numel() + 1, dtype=torch.float64)
     prefix[1:] = torch.cumsum(proj[order].double(), 0)
     x_t = x.T.contiguous()
-    rows_per_gemm = max(1, (2**31 - 1) // (n_levels - 1) ** 2)
+    offset = n_levels // 2  # codes k - offset fit int8 for up to 8 bits
+    rows_per_gemm = max(1, (2**31 - 1) // offset**2)
     steps = torch.arange(n_levels - 1, dtype=torch.float64) + 0.5
 
     def linear_terms(scales: Tensor, zps: Tensor) -> Tensor:
@@ -184,12 +185,17 @@ def uniform_input_error(
         return (segments * values).sum(1)
 
     def code_gram(scale: float, zr: float) -> Tensor:
-        codes_t = (x_t / scale).round_().clamp_(-zr, n_levels - 1 - zr).to(torch.int8)
+        """``KᵀK`` of the centred codes ``K = K' + c`` from an int8 GEMM of ``K' = k - offset``:
+        ``KᵀK = K'ᵀK' + c(u1ᵀ + 1uᵀ) + c²T`` with ``u`` the column sums of ``K'``."""
+        shifted = (x_t / scale).round_().clamp_(-zr, n_levels - 1 - zr).add_(zr - offset)
+        codes_t = shifted.to(torch.int8)
         gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
         for start in range(0, codes_t.shape[1], rows_per_gemm):
             part = codes_t[:, start : start + rows_per_gemm].contiguous()
             gram += torch._int_mm(part, part.T).double()
-        return gram
+        c = offset - zr
+        sums = codes_t.sum(1, dtype=torch.int64).double()
+        return gram + c * (sums[:, None] + sums[None, :]) + c * c * codes_t.shape[1]
 
     def score(scales: Tensor, zps: Tensor) -> Tensor:
         s, z = scales[:, 0], zps[:, 0]

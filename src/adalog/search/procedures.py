@@ -23,6 +23,7 @@ from adalog.quant import (
     asym_fake_quant,
     twin_fake_quant,
 )
+from adalog.search import naive
 from adalog.search.fpcs import (
     best_q,
     exhaustive,
@@ -58,13 +59,27 @@ from adalog.search.objectives import (
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """Search sizes (§2.1): candidates per step, alternating rounds, FPCS on/off and steps."""
+    """Search sizes (§2.1): candidates per step, alternating rounds, FPCS on/off and steps.
+
+    ``engine="naive"`` scores every candidate by recomputing the layer output
+    (:mod:`adalog.search.naive`, reference-like and slow) instead of the fast closed forms.
+    """
 
     eq_n: int = 128
     rounds: int = 3
     fpcs: bool = True
     steps: int = 6
     zp_cap: int | None = 16
+    engine: str = "fast"
+
+    @property
+    def naive(self) -> bool:
+        return self.engine == "naive"
+
+
+def _weight_score(settings: SearchSettings, x_hat: Tensor, target: Tensor, rows: Tensor, n: int):
+    make = naive.weight_output_error if settings.naive else weight_output_error
+    return make(x_hat, target, rows, n)
 
 
 def _search(
@@ -105,18 +120,25 @@ def calibrate_linear(
     best = _search(settings, input_self_error(x, a_bits), x_grid, ACTIVATION_SCALE_FLOOR)
     input_quant.set_params(best.scale, best.zero_point)
     for _ in range(settings.rounds):
-        score_w = weight_output_error(input_quant(x), target, rows, n_w)
+        score_w = _weight_score(settings, input_quant(x), target, rows, n_w)
         _set_rows(weight_quant, _search(settings, score_w, w_grid))
-        score_x = _input_score(x, target, rows, weight_quant, a_bits)
+        score_x = _input_score(settings, x, target, rows, weight_quant, a_bits)
         best = _search(settings, score_x, x_grid, ACTIVATION_SCALE_FLOOR)
         input_quant.set_params(best.scale, best.zero_point)
 
 
 def _input_score(
-    x: Tensor, target: Tensor, rows: Tensor, weight_quant: UniformQuantizer, a_bits: int
+    settings: SearchSettings,
+    x: Tensor,
+    target: Tensor,
+    rows: Tensor,
+    weight_quant: UniformQuantizer,
+    a_bits: int,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Per-tensor uniform input candidates scored on the layer output with the current Ŵ:
-    exactly in integers where the codes fit int8, else in float."""
+    exactly in integers up to 8 bits, else in float."""
+    if settings.naive:
+        return naive.uniform_input_error(x, target, weight_quant(rows), a_bits)
     zp = torch.round(weight_quant.zero_point)
     w_codes = asym_codes(rows, weight_quant.scale, weight_quant.zero_point, weight_quant.n_bits)
     exact = uniform_input_error(x, target, w_codes - zp, weight_quant.scale[:, 0], a_bits)
@@ -173,7 +195,10 @@ def calibrate_post_gelu_log(
     scale, q = scale_grid.scales[-2], torch.tensor(37)
     own_kind = input_quant.kind if not transplant else "adalog"
     for _ in range(settings.rounds):
-        scorer = _LogInputScorer(x, log_x, target, weight_quant(weight), n_a, shift)
+        if settings.naive:
+            scorer = naive.LogInputScorer(x, target, weight_quant(weight), n_a, shift)
+        else:
+            scorer = _LogInputScorer(x, log_x, target, weight_quant(weight), n_a, shift)
         if own_kind == "adalog":
             search = fpcs_adalog if settings.fpcs else exhaustive_adalog
             kwargs = {"steps": settings.steps} if settings.fpcs else {"eq_n": settings.eq_n}
@@ -194,7 +219,7 @@ def calibrate_post_gelu_log(
         else:
             scale = _fixed_base_scale(scorer, own_kind, scale_grid, settings)
         _set_log(input_quant, scale, q)
-        score_w = weight_output_error(input_quant(x), target, weight, n_w)
+        score_w = _weight_score(settings, input_quant(x), target, weight, n_w)
         _set_rows(weight_quant, _search(settings, score_w, w_grid))
     _set_log(input_quant, scale, q)
 
@@ -266,12 +291,20 @@ def calibrate_post_gelu_twin(
     for _ in range(settings.rounds):
         w_hat = weight_quant(weight)
 
-        def quantize(inp: Tensor, sl: slice) -> Tensor:
-            return twin_fake_quant(inp, candidates[sl, None, None], s_neg, n_a)
+        if settings.naive:
 
-        errors = linear_input_error(x, target, w_hat, quantize, candidates.numel())
+            def one(inp: Tensor, k: int) -> Tensor:
+                return twin_fake_quant(inp, candidates[k], s_neg, n_a)
+
+            errors = naive.input_output_error(x, target, w_hat, one, candidates.numel())
+        else:
+
+            def quantize(inp: Tensor, sl: slice) -> Tensor:
+                return twin_fake_quant(inp, candidates[sl, None, None], s_neg, n_a)
+
+            errors = linear_input_error(x, target, w_hat, quantize, candidates.numel())
         input_quant.set_params(s_pos=candidates[int(torch.argmin(errors))])
-        score_w = weight_output_error(input_quant(x), target, weight, n_w)
+        score_w = _weight_score(settings, input_quant(x), target, weight, n_w)
         _set_rows(weight_quant, _search(settings, score_w, w_grid))
 
 
@@ -344,6 +377,10 @@ def _operand_b_score(a_hat: Tensor, b: Tensor, target: Tensor, n_bits: int):
     return score
 
 
+def _operand_b(settings: SearchSettings):
+    return naive.operand_b_error if settings.naive else _operand_b_score
+
+
 def calibrate_matmul_qk(
     a: Tensor,
     b: Tensor,
@@ -359,9 +396,10 @@ def calibrate_matmul_qk(
     _init_per_head(a_quant, a_grid)
     _init_per_head(b_quant, b_grid)
     for _ in range(settings.rounds):
-        score_a = _operand_a_score(a, b_quant(b), target, a_quant.n_bits)
+        make_a = naive.operand_a_error if settings.naive else _operand_a_score
+        score_a = make_a(a, b_quant(b), target, a_quant.n_bits)
         _per_head(a_quant, _search(settings, score_a, a_grid))
-        score_b = _operand_b_score(a_quant(a), b, target, n_b)
+        score_b = _operand_b(settings)(a_quant(a), b, target, n_b)
         _per_head(b_quant, _search(settings, score_b, b_grid))
 
 
@@ -386,8 +424,11 @@ def calibrate_matmul_av(
                 errors = [_av_base_error(log_attn, v_hat, target, int(q), n_s) for q in qs]
                 return torch.stack(errors)
 
+            if settings.naive:
+                score_q = naive.post_softmax_base_error(attn, v_hat, target, n_s)
+
             a_quant.set_q(best_q(score_q, adalog_q_candidates(settings.eq_n)).q)
-        score_b = _operand_b_score(a_quant(attn), v, target, n_b)
+        score_b = _operand_b(settings)(a_quant(attn), v, target, n_b)
         _per_head(b_quant, _search(settings, score_b, b_grid))
 
 
@@ -415,7 +456,7 @@ def _calibrate_av_uniform(attn, v, target, a_quant, b_quant, b_grid, settings) -
 
         best = _search(settings, score_a, a_grid)
         a_quant.set_params(best.scale.reshape(1), best.zero_point.reshape(1))
-        score_b = _operand_b_score(a_quant(attn), v, target, b_quant.n_bits)
+        score_b = _operand_b(settings)(a_quant(attn), v, target, b_quant.n_bits)
         _per_head(b_quant, _search(settings, score_b, b_grid))
 
 
@@ -437,5 +478,5 @@ def calibrate_conv_weight(
     rows = weight.reshape(weight.shape[0], -1)
     target = y if bias is None else y - bias
     grid = weight_grid(rows, weight_quant.n_bits, settings.eq_n, zp_cap=None)
-    score = weight_output_error(patches, target, rows, weight_quant.n_bits)
+    score = _weight_score(settings, patches, target, rows, weight_quant.n_bits)
     _set_rows(weight_quant, _search(settings, score, grid))

@@ -1,0 +1,135 @@
+"""Calibration wall time, peak RSS and per-module breakdown; prints Markdown tables, writes JSON.
+
+Each model runs in its own fresh process so that its peak RSS is its own. The shared ViT-Tiny is
+calibrated on the reference calibration tensors (calib32, no augmentation noise); the other
+models are randomly initialised and calibrated on seeded random images of the same count,
+which costs the same as real images.
+
+Example (the issue's benchmark):
+    python benchmarks/calibration_speed.py --out benchmarks/logs/calibration_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import re
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from adalog.config import AdaLogConfig
+from adalog.io import atomic_write_json
+from adalog.models import create_model
+from adalog.pipelines.calibrate import calibrate
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+VIT_TINY = "vit_tiny_patch16_224"
+VIT_TINY_WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+SHARED_WEIGHTS = {VIT_TINY: VIT_TINY_WEIGHTS}
+REFERENCE_CALIB = SHARED / "data" / "imagenet-sample" / "reference_calib32_vit_tiny.safetensors"
+DEFAULT_MODELS = [VIT_TINY, "deit_small_patch16_224", "swin_tiny_patch4_window7_224"]
+
+
+def module_kind(name: str) -> str:
+    """``blocks.3.attn.qkv`` → ``attn.qkv``; ``layers.1.blocks.0.mlp.fc2`` → ``mlp.fc2``."""
+    return re.sub(r"^(layers\.\d+\.)?(blocks\.\d+\.)?", "", name)
+
+
+def _calibration_images(name: str, n_images: int) -> tuple[torch.Tensor, str]:
+    if name == VIT_TINY and REFERENCE_CALIB.exists():
+        return load_file(REFERENCE_CALIB)["x"][:n_images], "reference calib32 tensors"
+    size = 224
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n_images, 3, size, size, generator=gen), "seeded random images"
+
+
+def _run_one(name: str, config_dict: dict, n_images: int, queue) -> None:
+    config = AdaLogConfig.from_dict(config_dict)
+    weights = SHARED_WEIGHTS.get(name)
+    if weights is not None and weights.exists():
+        model, source = create_model(name, weights=str(weights)), "shared weights"
+    else:
+        torch.manual_seed(0)
+        model, source = create_model(name, pretrained=False), "random init"
+    images, image_source = _calibration_images(name, n_images)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    calibrate(model, images, config, timings=timings)
+    total = time.perf_counter() - start
+    by_kind: dict[str, float] = defaultdict(float)
+    for module, seconds in timings.items():
+        by_kind[module_kind(module)] += seconds
+    queue.put(
+        {
+            "model": name,
+            "weights": source,
+            "images": f"{images.shape[0]} {image_source}",
+            "calib_seconds": total,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seconds_by_kind": dict(by_kind),
+            "seconds_by_module": timings,
+        }
+    )
+
+
+def run_isolated(name: str, config: AdaLogConfig, n_images: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run_one, args=(name, config.to_dict(), n_images, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def print_tables(rows: list[dict]) -> None:
+    print("| model | weights | calibration | peak RSS |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['weights']} | {r['calib_seconds'] / 60:.1f} min "
+            f"| {r['peak_rss_mb']:.0f} MB |"
+        )
+    for r in rows:
+        print(f"\n{r['model']}: seconds per module kind (all blocks)\n")
+        print("| module | seconds | share |")
+        print("|---|---|---|")
+        for kind, sec in sorted(r["seconds_by_kind"].items(), key=lambda kv: -kv[1]):
+            print(f"| {kind} | {sec:.1f} | {sec / r['calib_seconds']:.0%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--preset", default="w4a4")
+    parser.add_argument("--engine", default="fast", choices=["fast", "naive"])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=JSON")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config = AdaLogConfig.preset(args.preset, search_engine=args.engine, **overrides)
+    rows = []
+    for name in args.models:
+        rows.append(run_isolated(name, config, args.images))
+        payload = {
+            "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "preset": args.preset,
+            "config": config.to_dict(),
+            "results": rows,
+        }
+        atomic_write_json(args.out, payload)  # partial results survive an interruption
+    print_tables(rows)
+
+
+if __name__ == "__main__":
+    main()
