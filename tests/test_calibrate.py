@@ -13,7 +13,8 @@ import adalog.cli
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.models.qmodules import QuantLinear, set_quant_mode
-from adalog.quant import LogQuantizer
+from adalog.pipelines.checkpoint import load_quantized
+from adalog.quant import LogQuantizer, TwinUniformQuantizer
 from tests.conftest import write_image
 
 SMALL = AdaLogConfig.w4a4(eq_n=32, search_rounds=1, fpcs_steps=2)
@@ -160,11 +161,24 @@ def test_cli_quantize_then_eval_quantized(tmp_path: Path):
                 str(qdir),
                 "--seed",
                 "3",
+                "--post-gelu",
+                "twin",
+                "--post-softmax",
+                "log2",
+                "--s-bits",
+                "3",
+                "--no-fpcs",
             ]
         )
         == 0
     )
-    assert json.loads((qdir / "adalog.json").read_text())["config"]["seed"] == 3
+    saved = json.loads((qdir / "adalog.json").read_text())["config"]
+    assert saved["seed"] == 3 and saved["fpcs"] is False
+    assert (saved["post_gelu"], saved["post_softmax"], saved["s_bits"]) == ("twin", "log2", 3)
+    loaded = load_quantized(qdir)
+    assert isinstance(loaded.blocks[0].mlp.fc2.input_quant, TwinUniformQuantizer)
+    softmax_quant = loaded.blocks[0].attn.matmul2.a_quant
+    assert softmax_quant.kind == "log2" and softmax_quant.n_bits == 3
     out = tmp_path / "eval.json"
     assert (
         adalog.cli.main(
@@ -183,7 +197,7 @@ def test_cli_quantize_then_eval_quantized(tmp_path: Path):
         == 0
     )
     result = json.loads(out.read_text())
-    assert result["n"] == 2 and result["bits"] == {"w": 4, "a": 4, "s": 4}
+    assert result["n"] == 2 and result["bits"] == {"w": 4, "a": 4, "s": 3}
 
 
 def test_config_round_trip_and_validation(tmp_path: Path):
