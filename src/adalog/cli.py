@@ -57,6 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_variant_args(qu)
     qu.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     qu.set_defaults(func=_cmd_quantize)
+
+    ab = sub.add_parser(
+        "ablate", help="calibrate + evaluate a set of quantizer variants (resumable tables, plots)"
+    )
+    _add_model_args(ab, required=True)
+    ab.add_argument("--calib-data", required=True, help="folder of the calibration images")
+    ab.add_argument("--calib-list", help="file list of the calibration images")
+    ab.add_argument("--data", required=True, help="evaluation folder")
+    ab.add_argument("--exclude-list", help="images of --data to leave out (e.g. calib32.txt)")
+    ab.add_argument("--out", required=True, help="run folder (rerun to resume)")
+    ab.add_argument(
+        "--sets",
+        nargs="+",
+        default=["post-gelu", "post-softmax"],
+        help="variant sets: post-gelu, post-softmax, fpcs, log-scale",
+    )
+    ab.add_argument("--variants", nargs="+", help="run only these variant names")
+    ab.add_argument("--preset", default="w4a4", choices=("w3a3", "w4a4", "w6a6"))
+    ab.add_argument("--config", help="JSON/YAML base config (replaces --preset)")
+    ab.add_argument("--seed", type=int)
+    ab.add_argument("--plot-block", type=int, help="block whose activations are plotted")
+    ab.add_argument("--batch-size", type=int, default=64)
+    ab.add_argument("--workers", type=int)
+    ab.set_defaults(func=_cmd_ablate)
     return parser
 
 
@@ -152,6 +176,31 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         f"wrote quantized {args.model} ({config.w_bits}/{config.a_bits}/{config.s_bits} bits) "
         f"to {args.out}"
     )
+
+
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from adalog.config import AdaLogConfig
+    from adalog.pipelines.ablation import ablate, select_variants
+
+    base = AdaLogConfig.load(args.config) if args.config else AdaLogConfig.preset(args.preset)
+    if args.seed is not None:
+        base = base.with_overrides(seed=args.seed)
+    variants = select_variants(args.sets, args.variants)
+    results = ablate(
+        args.model,
+        args.weights,
+        args.calib_data,
+        args.calib_list,
+        args.data,
+        args.exclude_list,
+        args.out,
+        variants,
+        base,
+        plot_block=args.plot_block,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    print(f"{len(results)}/{len(variants)} variants finished; tables and plots in {args.out}")
 
 
 def _report(result, json_path: str | None) -> None:

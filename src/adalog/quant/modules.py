@@ -119,6 +119,15 @@ class UniformQuantizer(_Quantizer):
         self._require_codes()
         return asym_dequant(codes.to(self.scale.dtype), self.scale, self.zero_point)
 
+    def representable_values(self) -> Tensor:
+        """Sorted distinct values the quantizer can output (over all groups)."""
+        self._require_codes()
+        codes = torch.arange(2**self.n_bits, dtype=self.scale.dtype)
+        grid = (codes[:, None] - torch.round(self.zero_point.reshape(1, -1))) * self.scale.reshape(
+            1, -1
+        )
+        return torch.unique(grid)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for name in ("scale", "zero_point"):
             incoming = state_dict.get(prefix + name)
@@ -165,6 +174,11 @@ class TwinUniformQuantizer(_Quantizer):
         self._require_codes()
         c = codes.to(self.s_pos.dtype)
         return torch.where(codes >= 0, c * self.s_pos, c * self.s_neg)
+
+    def representable_values(self) -> Tensor:
+        """Sorted distinct outputs: ``H`` positive-branch and ``H+1`` non-positive levels."""
+        half = 2 ** (self.n_bits - 1)
+        return torch.unique(self.dequantize(torch.arange(-half, half)))
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}"
@@ -268,6 +282,12 @@ class LogQuantizer(_Quantizer):
         kwargs = self._table_kwargs("table")
         y = log_dequant(k, valid, self.scale, self.n_bits, self.kind, form="table", **kwargs)
         return y - self.shift * (~self.shift_folded).to(y.dtype)
+
+    def representable_values(self) -> Tensor:
+        """Sorted distinct outputs in the input's domain (the shift subtracted even when it is
+        folded into the next layer), the zero state included."""
+        values = self.dequantize(torch.arange(self.n_levels + 1))
+        return torch.unique(values - self.shift * self.shift_folded.to(values.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

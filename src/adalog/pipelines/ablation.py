@@ -1,0 +1,252 @@
+"""Resumable ablation runs: calibrate + evaluate one config variant at a time, keep every result.
+
+A run directory holds one JSON file per finished variant (``variants/<name>.json``, written
+atomically when the variant is done) and tables rebuilt from all finished variants after each
+one (``results.md``, ``results.csv``, ``results.json``). Rerunning the same command skips the
+finished variants, so an interruption loses at most the variant in progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from adalog.config import AdaLogConfig
+from adalog.errors import ConfigError
+from adalog.io import atomic_write_json, atomic_write_text
+from adalog.pipelines.calibrate import calibrate, load_calibration_images
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named set of config overrides applied on top of the run's base config."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    group: str = ""
+
+
+def post_gelu_variants() -> list[Variant]:
+    """Table-B style: every post-GELU quantizer, with and without the bias reparameterization
+    where it applies (the shift only exists for the log quantizers)."""
+    out = [
+        Variant("gelu-uniform", {"post_gelu": "uniform"}, "post-gelu"),
+        Variant("gelu-twin", {"post_gelu": "twin"}, "post-gelu"),
+    ]
+    for kind in ("log2", "logsqrt2", "adalog"):
+        out.append(Variant(f"gelu-{kind}", {"post_gelu": kind}, "post-gelu"))
+        out.append(
+            Variant(
+                f"gelu-{kind}-no-reparam", {"post_gelu": kind, "bias_reparam": False}, "post-gelu"
+            )
+        )
+    return out
+
+
+def post_softmax_variants(bits: tuple[int, ...] = (4, 3, 2)) -> list[Variant]:
+    """Table-C style: every post-Softmax quantizer at each s-bit width."""
+    return [
+        Variant(f"softmax-{kind}-s{b}", {"post_softmax": kind, "s_bits": b}, "post-softmax")
+        for b in bits
+        for kind in ("uniform", "log2", "logsqrt2", "adalog")
+    ]
+
+
+def fpcs_variants() -> list[Variant]:
+    """FPCS against the plain exhaustive grid (accuracy and calibration time)."""
+    return [
+        Variant("fpcs", {"fpcs": True}, "fpcs"),
+        Variant("exhaustive", {"fpcs": False}, "fpcs"),
+    ]
+
+
+def log_scale_variants() -> list[Variant]:
+    """Post-GELU log2/log-√2 with AdaLog's transplanted scale (reference) or their own search."""
+    return [
+        Variant(f"gelu-{kind}-{mode}", {"post_gelu": kind, "log_scale_search": mode}, "log-scale")
+        for kind in ("log2", "logsqrt2")
+        for mode in ("transplant", "own")
+    ]
+
+
+VARIANT_SETS: dict[str, Callable[[], list[Variant]]] = {
+    "post-gelu": post_gelu_variants,
+    "post-softmax": post_softmax_variants,
+    "fpcs": fpcs_variants,
+    "log-scale": log_scale_variants,
+}
+
+
+def select_variants(sets: list[str], only: list[str] | None = None) -> list[Variant]:
+    """Variants of the named sets (duplicates by name dropped), optionally filtered by name."""
+    unknown = [s for s in sets if s not in VARIANT_SETS]
+    if unknown:
+        raise ConfigError(f"unknown variant set(s) {unknown}; choose from {sorted(VARIANT_SETS)}")
+    chosen: dict[str, Variant] = {}
+    for name in sets:
+        for variant in VARIANT_SETS[name]():
+            chosen.setdefault(variant.name, variant)
+    if only:
+        missing = sorted(set(only) - set(chosen))
+        if missing:
+            raise ConfigError(f"unknown variant(s) {missing}; available: {sorted(chosen)}")
+        return [chosen[name] for name in only]
+    return list(chosen.values())
+
+
+ModelFactory = Callable[[], nn.Module]
+Evaluator = Callable[[nn.Module], dict[str, Any]]
+Inspector = Callable[[nn.Module], dict[str, Any]]
+
+
+def run_ablation(
+    out_dir: str | Path,
+    variants: list[Variant],
+    base: AdaLogConfig,
+    make_model: ModelFactory,
+    images: Tensor,
+    evaluate: Evaluator,
+    inspect: Inspector | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run each unfinished variant and return all finished results in ``variants`` order.
+
+    ``make_model`` builds a fresh FP model, ``evaluate`` returns at least ``top1``/``top5``, and
+    ``inspect`` may add per-variant details (e.g. the representable levels for the plots).
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "variants").mkdir(parents=True, exist_ok=True)
+    for variant in variants:
+        path = _variant_path(out_dir, variant)
+        if path.exists():
+            continue
+        config = base.with_overrides(**variant.overrides)
+        model = make_model()
+        start = time.perf_counter()
+        calibrate(model, images, config, progress=progress)
+        seconds = time.perf_counter() - start
+        result = {
+            "variant": variant.name,
+            "group": variant.group,
+            "overrides": variant.overrides,
+            "config": config.to_dict(),
+            "calib_seconds": seconds,
+            **evaluate(model),
+        }
+        if inspect is not None:
+            result["details"] = inspect(model)
+        atomic_write_json(path, result)
+        write_tables(out_dir, load_results(out_dir, variants))
+    return load_results(out_dir, variants)
+
+
+def _variant_path(out_dir: Path, variant: Variant) -> Path:
+    return out_dir / "variants" / f"{variant.name}.json"
+
+
+def load_results(out_dir: str | Path, variants: list[Variant]) -> list[dict[str, Any]]:
+    """Finished results among ``variants``, in order."""
+    paths = [_variant_path(Path(out_dir), v) for v in variants]
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
+def _row(result: dict[str, Any]) -> dict[str, Any]:
+    config = result["config"]
+    return {
+        "variant": result["variant"],
+        "group": result["group"],
+        "post_gelu": config["post_gelu"],
+        "post_softmax": config["post_softmax"],
+        "s_bits": config["s_bits"],
+        "bias_reparam": config["bias_reparam"],
+        "log_scale_search": config["log_scale_search"],
+        "fpcs": config["fpcs"],
+        "top1": round(result["top1"], 4),
+        "top5": round(result["top5"], 4),
+        "calib_seconds": round(result["calib_seconds"], 1),
+    }
+
+
+def write_tables(out_dir: str | Path, results: list[dict[str, Any]]) -> None:
+    """``results.md`` (Markdown), ``results.csv`` and ``results.json`` from finished results."""
+    out_dir = Path(out_dir)
+    rows = [_row(r) for r in results]
+    atomic_write_json(out_dir / "results.json", rows)
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "results.csv", buffer.getvalue())
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(row[c]) for c in header) + " |" for row in rows]
+    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+
+
+def ablate(
+    model_name: str,
+    weights: str | None,
+    calib_data: str | Path,
+    calib_list: str | Path | None,
+    data: str | Path,
+    exclude: str | Path | None,
+    out_dir: str | Path,
+    variants: list[Variant],
+    base: AdaLogConfig,
+    plot_block: int | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> list[dict[str, Any]]:
+    """The ``adalog ablate`` job: run the variants on one model, then write tables and plots."""
+    from adalog.models import create_model
+    from adalog.pipelines.evaluate import build_eval_loader, evaluate
+    from adalog.pipelines.plots import (
+        capture_activations,
+        plot_accuracy,
+        plot_levels,
+        quantizer_values,
+    )
+
+    def make_model() -> nn.Module:
+        return create_model(model_name, weights=weights)
+
+    probe = make_model()
+    images = load_calibration_images(probe, calib_data, calib_list, base)
+    loader = build_eval_loader(probe, data, exclude=exclude, batch_size=batch_size, workers=workers)
+    n_blocks = sum(1 for name, _ in probe.named_modules() if name.endswith(".fc2"))
+    block = plot_block if plot_block is not None else n_blocks // 2
+
+    def score(model: nn.Module) -> dict[str, Any]:
+        result = evaluate(model, loader, name=model_name)
+        return {"top1": result.top1, "top5": result.top5, "n": result.n}
+
+    results = run_ablation(
+        out_dir,
+        variants,
+        base,
+        make_model,
+        images,
+        score,
+        inspect=lambda model: {"block": block, **quantizer_values(model, block)},
+    )
+    out_dir = Path(out_dir)
+    rows = [_row(r) for r in results]
+    if rows:
+        title = f"{model_name}: top-1 per variant on {Path(data).name}"
+        plot_accuracy(rows, out_dir / "accuracy.png", title)
+    activations = capture_activations(make_model(), images[:8], block)
+    for key, group in (("post_gelu", "post-gelu"), ("post_softmax", "post-softmax")):
+        chosen = [(r["variant"], r["details"]) for r in results if r["group"] == group]
+        if chosen:
+            plot_levels(activations, chosen, key, out_dir / f"levels_{key}.png", block)
+    return results

@@ -1,0 +1,112 @@
+"""Readable PNG figures for ablation runs: accuracy per variant, activation histograms with each
+quantizer's representable levels drawn over them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from adalog.config import AdaLogConfig  # noqa: E402
+from adalog.models.wrap import wrap_model  # noqa: E402
+
+ACTIVATIONS = {
+    "post_softmax": ("matmul2", "a_quant", "post-Softmax attention probabilities"),
+    "post_gelu": ("fc2", "input_quant", "post-GELU activations (fc2 input)"),
+}
+
+
+def _block_module(model: nn.Module, block: int, leaf: str) -> nn.Module:
+    """``matmul2``/``fc2`` of transformer block ``block`` (counted over the whole model)."""
+    found = [m for name, m in model.named_modules() if name.endswith("." + leaf)]
+    if not 0 <= block < len(found):
+        raise IndexError(f"block {block} out of range: the model has {len(found)} blocks")
+    return found[block]
+
+
+def capture_activations(model: nn.Module, images: Tensor, block: int) -> dict[str, Tensor]:
+    """FP post-Softmax and post-GELU activations of one block (wraps ``model`` in raw mode)."""
+    wrap_model(model, AdaLogConfig())
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for key, (leaf, _, _) in ACTIVATIONS.items():
+
+        def hook(module, inputs, output, key=key):
+            captured[key] = inputs[0].detach().flatten()
+
+        handles.append(_block_module(model, block, leaf).register_forward_hook(hook))
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def quantizer_values(model: nn.Module, block: int) -> dict[str, list[float]]:
+    """Representable values of the block's post-Softmax and post-GELU quantizers."""
+    out = {}
+    for key, (leaf, attr, _) in ACTIVATIONS.items():
+        quant = getattr(_block_module(model, block, leaf), attr)
+        out[key] = quant.representable_values().tolist()
+    return out
+
+
+def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Horizontal bars of top-1 per variant (grouped order kept), value printed on each bar."""
+    names = [r["variant"] for r in rows]
+    top1 = [100 * r["top1"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
+    bars = ax.barh(range(len(rows)), top1, color="tab:blue")
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.bar_label(bars, fmt="%.1f", padding=2)
+    ax.set_xlim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_levels(
+    activations: dict[str, Tensor],
+    variants: list[tuple[str, dict[str, list[float]]]],
+    key: str,
+    path: str | Path,
+    block: int,
+) -> None:
+    """One row per variant: the activation histogram (grey) with its quantizer's levels (red).
+
+    Post-Softmax values are drawn on a log2 axis (they crowd near 0); the zero state and any
+    non-positive level sit at the left edge.
+    """
+    data = activations[key]
+    log_axis = key == "post_softmax"
+    label = ACTIVATIONS[key][2]
+    fig, axes = plt.subplots(
+        len(variants), 1, figsize=(9, 1.6 * len(variants) + 1), sharex=True, squeeze=False
+    )
+    floor = -24.0
+    values = torch.log2(data.clamp_min(2.0**floor)) if log_axis else data
+    for ax, (name, levels) in zip(axes[:, 0], variants, strict=True):
+        ax.hist(values.numpy(), bins=200, color="0.6", log=True)
+        for level in levels[key]:
+            x = max(math.log2(level), floor) if log_axis and level > 0 else level
+            if log_axis and level <= 0:
+                x = floor
+            ax.axvline(x, color="tab:red", linewidth=0.8)
+        ax.set_ylabel("count")
+        ax.set_title(f"{name}: {len(levels[key])} representable values", fontsize=9)
+    axes[-1, 0].set_xlabel(f"log2({label})" if log_axis else label)
+    fig.suptitle(f"Block {block}: {label} and quantizer levels")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

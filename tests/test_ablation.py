@@ -1,0 +1,98 @@
+"""Ablation runner: variants use the intended quantizers, finished variants are not rerun."""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import adalog.cli
+from adalog.config import AdaLogConfig
+from adalog.errors import ConfigError
+from adalog.pipelines import ablation
+from adalog.pipelines.ablation import Variant, run_ablation, select_variants
+from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
+from tests.conftest import write_image
+
+TINY = {"depth": 1, "img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2}
+BASE = AdaLogConfig.w4a4(eq_n=32, search_rounds=1, fpcs_steps=2)
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+
+
+def test_variant_sets_cover_the_paper_tables():
+    gelu = [v.overrides for v in select_variants(["post-gelu"])]
+    assert {o["post_gelu"] for o in gelu} == {"uniform", "twin", "log2", "logsqrt2", "adalog"}
+    assert sum(o.get("bias_reparam") is False for o in gelu) == 3  # log kinds only
+    softmax = select_variants(["post-softmax"])
+    assert {(v.overrides["post_softmax"], v.overrides["s_bits"]) for v in softmax} == {
+        (k, b) for k in ("uniform", "log2", "logsqrt2", "adalog") for b in (4, 3, 2)
+    }
+    assert [v.name for v in select_variants(["fpcs"], ["exhaustive"])] == ["exhaustive"]
+    with pytest.raises(ConfigError, match="unknown variant set"):
+        select_variants(["nope"])
+    with pytest.raises(ConfigError, match="unknown variant"):
+        select_variants(["fpcs"], ["nope"])
+
+
+def test_variants_quantize_with_the_intended_quantizers_and_resume(tmp_path: Path, monkeypatch):
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def inspect(model):
+        fc2 = model.blocks[0].mlp.fc2.input_quant
+        softmax = model.blocks[0].attn.matmul2.a_quant
+        seen.append((type(fc2), getattr(fc2, "kind", None), float(getattr(fc2, "shift", -1))))
+        seen.append((type(softmax), getattr(softmax, "kind", None), softmax.n_bits))
+        return {}
+
+    variants = [
+        Variant("twin", {"post_gelu": "twin"}, "post-gelu"),
+        Variant("log2-raw", {"post_gelu": "log2", "bias_reparam": False}, "post-gelu"),
+        Variant("softmax-uniform-s3", {"post_softmax": "uniform", "s_bits": 3}, "post-softmax"),
+    ]
+    evaluate = lambda model: {"top1": 0.5, "top5": 0.75, "n": 4}  # noqa: E731
+    run_ablation(tmp_path, variants[:2], BASE, _tiny, images, evaluate, inspect, progress=False)
+    assert seen[0][0] is TwinUniformQuantizer
+    assert seen[2] == (LogQuantizer, "log2", 0.0)  # no shift without the reparameterization
+    assert seen[3] == (LogQuantizer, "adalog", 4)
+    first = json.loads((tmp_path / "variants" / "twin.json").read_text())
+
+    calls = []
+    real = ablation.calibrate
+    monkeypatch.setattr(ablation, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = run_ablation(tmp_path, variants, BASE, _tiny, images, evaluate, inspect, False)
+    assert len(calls) == 1  # only the new variant ran
+    assert seen[-1] == (UniformQuantizer, None, 3)
+    assert [r["variant"] for r in results] == ["twin", "log2-raw", "softmax-uniform-s3"]
+    assert json.loads((tmp_path / "variants" / "twin.json").read_text()) == first
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n") == 2 + 3 and "softmax-uniform-s3" in table
+    assert (tmp_path / "results.csv").read_text().startswith("variant,group,post_gelu")
+
+
+def test_cli_ablate_writes_tables_and_plots(tmp_path: Path):
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), str(weights))
+    data = tmp_path / "data"
+    for i, wnid in enumerate(["n01440764", "n01443537"]):
+        write_image(data / wnid / f"{wnid}_0.png", seed=i, size=256)
+    config = tmp_path / "small.yaml"
+    BASE.with_overrides(calib_size=2, search_rounds=1).save(config)
+    out = tmp_path / "run"
+    argv = ["ablate", "--model", "deit_tiny_patch16_224", "--weights", str(weights)]
+    argv += ["--calib-data", str(data), "--data", str(data), "--config", str(config)]
+    argv += ["--out", str(out), "--variants", "gelu-uniform", "gelu-adalog", "--workers", "0"]
+    assert adalog.cli.main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in rows] == ["gelu-uniform", "gelu-adalog"]
+    for png in ("accuracy.png", "levels_post_gelu.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    details = json.loads((out / "variants" / "gelu-adalog.json").read_text())["details"]
+    assert len(details["post_gelu"]) == 17  # 16 AdaLog levels and the zero state
