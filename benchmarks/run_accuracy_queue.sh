@@ -14,8 +14,8 @@ run() {  # name, then quantize_eval.py arguments
 DEIT=../shared/models/deit_tiny_patch16_224.fb_in1k_lnq.safetensors
 run deit_tiny_w4a4_calib32_seed5 --model deit_tiny_patch16_224 --weights "$DEIT" --preset w4a4 --seed 5
 run vit_tiny_w6a6_refcalib --preset w6a6 --calib-tensor "$REF"
-run vit_tiny_w3a3_refcalib --preset w3a3 --calib-tensor "$REF"
 for seed in 5 6 7; do
   run "vit_tiny_w3a3_calib32_seed$seed" --preset w3a3 --seed "$seed"
 done
+run vit_tiny_w3a3_refcalib --preset w3a3 --calib-tensor "$REF"
 run vit_tiny_w4a4_calib32_seed5 --preset w4a4 --seed 5

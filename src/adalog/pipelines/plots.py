@@ -105,7 +105,7 @@ def plot_levels(
             ax.axvline(x, color="tab:red", linewidth=0.8)
         ax.set_ylabel("count")
         ax.set_title(f"{name}: {len(levels[key])} representable values", fontsize=9)
-    axes[-1, 0].set_xlabel(f"log2({label})" if log_axis else label)
+    axes[-1, 0].set_xlabel(f"log2({label}); zero drawn at {floor:.0f}" if log_axis else label)
     fig.suptitle(f"Block {block}: {label} and quantizer levels")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
