@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--batch-size", type=int, default=64)
     ab.add_argument("--workers", type=int)
     ab.set_defaults(func=_cmd_ablate)
+
+    ex = sub.add_parser("export", help="export a quantized checkpoint as packed integer codes")
+    ex.add_argument("qdir", help="quantized checkpoint folder (adalog quantize --out)")
+    ex.add_argument("--out", required=True, help="artifact folder")
+    ex.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -201,6 +206,18 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
         workers=args.workers,
     )
     print(f"{len(results)}/{len(variants)} variants finished; tables and plots in {args.out}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from adalog.pipelines.export import export_artifact
+
+    meta = export_artifact(args.qdir, args.out)
+    size, fp32 = meta["size_bytes"]["artifact"], meta["size_bytes"]["fp32_weights"]
+    print(
+        f"wrote {args.out}: {size / 2**20:.2f} MiB on disk; the FP32 weights of its "
+        f"{len(meta['layers'])} quantized layers alone take {fp32 / 2**20:.2f} MiB "
+        f"({fp32 / size:.1f}x)"
+    )
 
 
 def _report(result, json_path: str | None) -> None:

@@ -23,3 +23,7 @@ class DataError(AdalogError):
 
 class ConfigError(AdalogError):
     """A quantization configuration or checkpoint is invalid or does not match."""
+
+
+class ArtifactError(AdalogError):
+    """An exported integer artifact is corrupt, incomplete or of another format version."""
