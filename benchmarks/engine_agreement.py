@@ -56,6 +56,9 @@ def main() -> None:
     fast, naive = runs["fast"][0], runs["naive"][0]
     quant_keys = [k for k in fast if "quant" in k]
     differing = [k for k in quant_keys if not torch.equal(fast[k], naive[k])]
+    # FPCS children of different parents can sit within one float32 ulp of each other; the
+    # engines' rounding may then pick the other one. Beyond that the choices differ for real.
+    beyond_ulp = [k for k in differing if not torch.allclose(fast[k], naive[k], rtol=3e-7, atol=0)]
     rows = []
     for module in runs["fast"][2]:
         t_fast, t_naive = runs["fast"][2][module], runs["naive"][2][module]
@@ -66,6 +69,7 @@ def main() -> None:
         "config": config.to_dict(),
         "quantizer_tensors": len(quant_keys),
         "differing": differing,
+        "differing_beyond_one_ulp": beyond_ulp,
         "max_relative_difference": {
             k: ((fast[k] - naive[k]).abs().max() / naive[k].abs().max().clamp_min(1e-30)).item()
             for k in differing
@@ -81,8 +85,9 @@ def main() -> None:
         speedup = r["naive_s"] / max(r["fast_s"], 1e-9)
         print(f"| {r['module']} | {r['fast_s']:.1f} | {r['naive_s']:.1f} | {speedup:.1f}x |")
     print(
-        f"\n{len(quant_keys) - len(differing)}/{len(quant_keys)} quantizer tensors identical; "
-        f"differing: {differing or 'none'}"
+        f"\n{len(quant_keys) - len(differing)}/{len(quant_keys)} quantizer tensors bit-identical, "
+        f"{len(differing) - len(beyond_ulp)} within one float32 ulp, "
+        f"{len(beyond_ulp)} different: {beyond_ulp or 'none'}"
     )
 
 
