@@ -36,3 +36,18 @@ def tiny_folder(tmp_path: Path) -> Path:
         for i in range(2):
             write_image(root / wnid / f"{wnid}_{i}.png", seed=10 * c + i)
     return root
+
+
+@pytest.fixture
+def random_deit_and_images(tmp_path: Path) -> tuple[Path, Path]:
+    """A randomly initialised DeiT-Tiny weight file and a 2-class folder of 256-px images."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), str(weights))
+    data = tmp_path / "data"
+    for i, wnid in enumerate(["n01440764", "n01443537"]):
+        write_image(data / wnid / f"{wnid}_0.png", seed=i, size=256)
+    return weights, data

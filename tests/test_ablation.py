@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
 
 import adalog.cli
 from adalog.config import AdaLogConfig
@@ -14,7 +13,6 @@ from adalog.errors import ConfigError
 from adalog.pipelines import ablation
 from adalog.pipelines.ablation import Variant, run_ablation, select_variants
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
-from tests.conftest import write_image
 
 TINY = {"depth": 1, "img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2}
 BASE = AdaLogConfig.w4a4(eq_n=32, search_rounds=1, fpcs_steps=2)
@@ -76,13 +74,8 @@ def test_variants_quantize_with_the_intended_quantizers_and_resume(tmp_path: Pat
     assert (tmp_path / "results.csv").read_text().startswith("variant,group,post_gelu")
 
 
-def test_cli_ablate_writes_tables_and_plots(tmp_path: Path):
-    torch.manual_seed(0)
-    weights = tmp_path / "w.safetensors"
-    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), str(weights))
-    data = tmp_path / "data"
-    for i, wnid in enumerate(["n01440764", "n01443537"]):
-        write_image(data / wnid / f"{wnid}_0.png", seed=i, size=256)
+def test_cli_ablate_writes_tables_and_plots(tmp_path: Path, random_deit_and_images):
+    weights, data = random_deit_and_images
     config = tmp_path / "small.yaml"
     BASE.with_overrides(calib_size=2, search_rounds=1).save(config)
     out = tmp_path / "run"

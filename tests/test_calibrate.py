@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
 
 import adalog
 import adalog.cli
@@ -15,7 +14,6 @@ from adalog.errors import ConfigError
 from adalog.models.qmodules import QuantLinear, set_quant_mode
 from adalog.pipelines.checkpoint import load_quantized
 from adalog.quant import LogQuantizer, TwinUniformQuantizer
-from tests.conftest import write_image
 
 SMALL = AdaLogConfig.w4a4(eq_n=32, search_rounds=1, fpcs_steps=2)
 VIT_KW = {"depth": 2, "img_size": 64, "patch_size": 16}
@@ -135,13 +133,8 @@ def test_checkpoint_for_other_model_or_config_is_refused(tmp_path: Path):
         adalog.load_quantized(tmp_path / "q")
 
 
-def test_cli_quantize_then_eval_quantized(tmp_path: Path):
-    torch.manual_seed(0)
-    weights = tmp_path / "w.safetensors"
-    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), str(weights))
-    data = tmp_path / "data"
-    for i, wnid in enumerate(["n01440764", "n01443537"]):
-        write_image(data / wnid / f"{wnid}_0.png", seed=i, size=256)
+def test_cli_quantize_then_eval_quantized(tmp_path: Path, random_deit_and_images):
+    weights, data = random_deit_and_images
     config = tmp_path / "small.yaml"
     SMALL.with_overrides(calib_size=2).save(config)
     qdir = tmp_path / "q"
