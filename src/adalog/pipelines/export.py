@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from adalog import __version__
 from adalog.config import AdaLogConfig
-from adalog.errors import ArtifactError
+from adalog.errors import ArtifactError, WeightsError
 from adalog.io import atomic_write, atomic_write_json
 from adalog.models import create_model, load_weights
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
@@ -218,7 +218,7 @@ def fake_quant_model(artifact: Artifact) -> nn.Module:
             module.ensure_bias()
     try:
         load_weights(model, state)
-    except Exception as exc:  # noqa: BLE001 - any mismatch means the artifact is inconsistent
+    except WeightsError as exc:
         raise ArtifactError(f"artifact does not match model {meta['model']}: {exc}") from exc
     model.adalog_meta = {k: meta[k] for k in ("model", "model_kwargs", "config", "bits")}
     set_quant_mode(model, True)
