@@ -154,8 +154,9 @@ def read_artifact(art_dir: str | Path) -> Artifact:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{meta_path}: not a readable artifact schema ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{meta_path}: not an adalog artifact (format {meta.get('format')!r})")
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{meta_path}: not an adalog artifact (format {found!r})")
     if meta.get("format_version") != ARTIFACT_VERSION:
         raise ArtifactError(
             f"{meta_path}: artifact format version {meta.get('format_version')!r} is not "

@@ -99,9 +99,10 @@ def plot_levels(
     for ax, (name, levels) in zip(axes[:, 0], variants, strict=True):
         ax.hist(values.numpy(), bins=200, color="0.6", log=True)
         for level in levels[key]:
-            x = max(math.log2(level), floor) if log_axis and level > 0 else level
-            if log_axis and level <= 0:
-                x = floor
+            if log_axis:
+                x = max(math.log2(level), floor) if level > 0 else floor
+            else:
+                x = level
             ax.axvline(x, color="tab:red", linewidth=0.8)
         ax.set_ylabel("count")
         ax.set_title(f"{name}: {len(levels[key])} representable values", fontsize=9)

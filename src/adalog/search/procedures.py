@@ -291,17 +291,13 @@ def calibrate_post_gelu_twin(
     for _ in range(settings.rounds):
         w_hat = weight_quant(weight)
 
+        def quantize(inp: Tensor, sl: slice) -> Tensor:
+            return twin_fake_quant(inp, candidates[sl, None, None], s_neg, n_a)
+
         if settings.naive:
-
-            def one(inp: Tensor, k: int) -> Tensor:
-                return twin_fake_quant(inp, candidates[k], s_neg, n_a)
-
+            one = lambda inp, k: quantize(inp, slice(k, k + 1))[0]  # noqa: E731
             errors = naive.input_output_error(x, target, w_hat, one, candidates.numel())
         else:
-
-            def quantize(inp: Tensor, sl: slice) -> Tensor:
-                return twin_fake_quant(inp, candidates[sl, None, None], s_neg, n_a)
-
             errors = linear_input_error(x, target, w_hat, quantize, candidates.numel())
         input_quant.set_params(s_pos=candidates[int(torch.argmin(errors))])
         score_w = _weight_score(settings, input_quant(x), target, weight, n_w)
@@ -420,12 +416,13 @@ def calibrate_matmul_av(
         if searches_base:
             v_hat = b_quant(v)
 
-            def score_q(qs: Tensor, v_hat: Tensor = v_hat) -> Tensor:
-                errors = [_av_base_error(log_attn, v_hat, target, int(q), n_s) for q in qs]
-                return torch.stack(errors)
-
             if settings.naive:
                 score_q = naive.post_softmax_base_error(attn, v_hat, target, n_s)
+            else:
+
+                def score_q(qs: Tensor, v_hat: Tensor = v_hat) -> Tensor:
+                    errors = [_av_base_error(log_attn, v_hat, target, int(q), n_s) for q in qs]
+                    return torch.stack(errors)
 
             a_quant.set_q(best_q(score_q, adalog_q_candidates(settings.eq_n)).q)
         score_b = _operand_b(settings)(a_quant(attn), v, target, n_b)
