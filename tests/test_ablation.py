@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 
+import adalog
 import adalog.cli
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
@@ -89,3 +90,25 @@ def test_cli_ablate_writes_tables_and_plots(tmp_path: Path, random_deit_and_imag
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     details = json.loads((out / "variants" / "gelu-adalog.json").read_text())["details"]
     assert len(details["post_gelu"]) == 17  # 16 AdaLog levels and the zero state
+
+
+@pytest.mark.parametrize("kind", ["log2", "logsqrt2"])
+def test_transplanted_log_quantizer_rounds_run_with_adalog(kind):
+    """§5.7(C): under the reference 'transplant' option every round, weight search included,
+    uses the AdaLog quantizer; only the final scale moves into the log2/log√2 quantizer. So fc2's
+    weights and input scale equal those of the AdaLog run; with 'own' they do not."""
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    config = BASE.with_overrides(search_rounds=2)
+
+    def fc2_after(**overrides):
+        model = _tiny()
+        adalog.quantize(model, images, config.with_overrides(**overrides))
+        fc2 = model.blocks[0].mlp.fc2
+        return fc2.weight_quant.scale.clone(), fc2.input_quant
+
+    w_ada, q_ada = fc2_after()
+    w_tr, q_tr = fc2_after(post_gelu=kind)
+    assert q_tr.kind == kind and q_ada.kind == "adalog"
+    assert torch.equal(w_tr, w_ada) and torch.equal(q_tr.scale, q_ada.scale)
+    w_own, q_own = fc2_after(post_gelu=kind, log_scale_search="own")
+    assert not (torch.equal(w_own, w_ada) and torch.equal(q_own.scale, q_ada.scale))

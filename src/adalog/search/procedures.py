@@ -21,6 +21,7 @@ from adalog.quant import (
     adalog_q_candidates,
     asym_codes,
     asym_fake_quant,
+    log_fake_quant,
     twin_fake_quant,
 )
 from adalog.search import naive
@@ -182,7 +183,9 @@ def calibrate_post_gelu_log(
     """§5.7(C): fc2 behind GELU with a shifted AdaLog (or log2 / log√2) input quantizer.
 
     With ``transplant`` (reference) log2/log√2 take the scale found by the AdaLog search
-    (§10.8); otherwise they search their own scale over the same range.
+    (§10.8): every round, including its weight search, runs with the AdaLog quantizer, and the
+    scale moves into the log2/log√2 quantizer at the end. Otherwise they search their own scale
+    over the same range, and the weight searches see their own quantizer.
     """
     target = y if bias is None else y - bias
     n_w, n_a = weight_quant.n_bits, input_quant.n_bits
@@ -219,7 +222,11 @@ def calibrate_post_gelu_log(
         else:
             scale = _fixed_base_scale(scorer, own_kind, scale_grid, settings)
         _set_log(input_quant, scale, q)
-        score_w = _weight_score(settings, input_quant(x), target, weight, n_w)
+        if own_kind == input_quant.kind:
+            x_hat = input_quant(x)
+        else:  # transplant: the round's quantizer is AdaLog (scale, q)
+            x_hat = log_fake_quant(x, scale, n_a, "adalog", int(q), shift=shift)
+        score_w = _weight_score(settings, x_hat, target, weight, n_w)
         _set_rows(weight_quant, _search(settings, score_w, w_grid))
     _set_log(input_quant, scale, q)
 
