@@ -14,7 +14,8 @@ import torch
 
 import adalog
 from adalog.config import AdaLogConfig
-from adalog.quant import LogQuantizer, UniformQuantizer
+from adalog.quant import ADALOG_R, LogQuantizer, UniformQuantizer, adalog_levels, log_fake_quant
+from adalog.search.objectives import LogInputError, log_exponent
 from adalog.search.procedures import SearchSettings, calibrate_linear, calibrate_post_gelu_log
 
 # Narrow enough that tokens outnumber the features of qkv/proj/fc1/fc2 (the Gram forms run).
@@ -112,3 +113,33 @@ def _calibrated_linear(x, weight, bias, y, a_bits, settings, dtype=torch.float32
     x_quant = UniformQuantizer(a_bits, (1,)).to(dtype)
     calibrate_linear(x, y, weight, bias, w_quant, x_quant, settings)
     return [w_quant.scale, w_quant.zero_point, x_quant.scale, x_quant.zero_point]
+
+
+def test_log_input_error_updates_parents_sparsely_and_exactly():
+    """Refinement children reuse a kept parent's product through the few inputs whose code
+    changed; their errors equal a full recomputation with the model's own fake quantizer."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.gelu(torch.randn(400, 64, generator=g) * 2)
+    weight = torch.randn(24, 64, generator=g) / 8
+    target = x @ weight.T + 0.01 * torch.randn(400, 24, generator=g)
+    shift, q, n_bits = 0.17, 30, 4
+    objective = LogInputError(log_exponent(x, shift), target, weight, shift, max_changed=0.05)
+    levels = adalog_levels(torch.tensor(q), n_bits)
+
+    def score(scales: torch.Tensor) -> torch.Tensor:
+        ratios = torch.full_like(scales, ADALOG_R / q)
+        table = levels.expand(scales.numel(), -1)
+        return objective(table, [q] * scales.numel(), scales, torch.log2(scales), ratios)
+
+    def recomputed(scales: torch.Tensor) -> torch.Tensor:
+        out = [log_fake_quant(x, s, n_bits, "adalog", q, shift=shift) @ weight.T for s in scales]
+        return torch.stack([(o.double() - target.double()).square().sum() for o in out])
+
+    parents = torch.tensor([1.5, 3.0, 6.0])
+    children = (parents[:, None] * torch.tensor([0.99, 1.003, 1.02])).reshape(-1)
+    far = torch.tensor([2.2])  # a third of a code step from every parent: full recomputation
+    torch.testing.assert_close(score(parents), recomputed(parents), rtol=2e-6, atol=0)
+    torch.testing.assert_close(score(children), recomputed(children), rtol=2e-6, atol=0)
+    assert objective.counters == {"full": 3, "sparse": 9}
+    torch.testing.assert_close(score(far), recomputed(far), rtol=2e-6, atol=0)
+    assert objective.counters == {"full": 4, "sparse": 9}

@@ -20,6 +20,7 @@ candidate (issue: fast calibration):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -244,3 +245,143 @@ def lut_values(luts: Tensor, codes: Tensor) -> Tensor:
         offsets = torch.arange(luts.shape[0], dtype=codes.dtype) * luts.shape[1]
         codes = codes + offsets.view(-1, *([1] * (codes.dim() - 1)))
     return torch.index_select(luts.reshape(-1), 0, codes.reshape(-1)).view(codes.shape)
+
+
+class _Product(NamedTuple):
+    """A scored log candidate kept for reuse: its level key, input counts and ``U = L[C]Ŵᵀ``."""
+
+    key: int
+    counts: Tensor
+    product: Tensor
+
+
+class LogInputError:
+    """Per-tensor output error of log-quantized layer inputs (post-GELU fc2), scored fast.
+
+    A log candidate (scale s, level table L, code ratio) quantizes ``x̂ = s·L[C] − shift`` with
+    ``L`` 0 in the zero state, so ``x̂Ŵᵀ = s·U − shift·Ŵ1`` with ``U = L[C]Ŵᵀ``. The codes ``C``
+    are a non-increasing step function of ``log2(x + shift)``, so a candidate is described by its
+    *counts* ``p_k`` = number of inputs with code > k (k < N). An FPCS refinement scores children
+    that sit close to a survivor of the previous stage: with the same levels, only the inputs whose
+    sorted position lies between the two candidates' counts change code, one boundary at a time,
+    and ``U`` is updated with a sparse product of those few inputs instead of the full
+    ``T·I·O`` matmul. The counts are taken with the very float operations that compute the codes,
+    so both paths quantize every input identically; only float summation order differs.
+
+    Each call keeps its ``capacity`` best candidates (the survivors FPCS will refine next) for
+    reuse; ``counters`` tallies full and sparse evaluations.
+    """
+
+    #: Half-width of the exact search window around each approximate count.
+    WINDOW = 64
+
+    def __init__(
+        self,
+        log_x: Tensor,
+        target: Tensor,
+        w_hat: Tensor,
+        shift: float,
+        max_changed: float = 0.1,
+        memory: int = 2**28,
+    ) -> None:
+        tokens, in_f = log_x.shape
+        self.log_x = log_x
+        self.sorted_log, order = torch.sort(log_x.reshape(-1))
+        self.rows, self.cols = order // in_f, order % in_f
+        self.w_t = w_hat.T.contiguous()
+        self.target = target + shift * w_hat.sum(1)
+        self.max_changed = int(max_changed * log_x.numel())
+        self.capacity = max(1, memory // (4 * tokens * w_hat.shape[0]))
+        self.kept: list[_Product] = []
+        self.counters = {"full": 0, "sparse": 0}
+        # reused work buffers: fresh multi-MB tensors per candidate cost page faults, not math
+        self._exponent = torch.empty_like(log_x)
+        self._codes = torch.empty(log_x.shape, dtype=torch.int32)
+        self._inputs = torch.empty_like(log_x)
+        self._residual = torch.empty_like(self.target)
+
+    def __call__(
+        self, levels: Tensor, keys: list[int], scales: Tensor, log_scales: Tensor, ratios: Tensor
+    ) -> Tensor:
+        """Errors ``(K,)`` (float64, up to a constant) of candidates with level tables ``levels``
+        ``(K, N)`` (equal rows must share a key), scales, ``log2`` scales and code ratios."""
+        errors, best = [], []
+        for k, key in enumerate(keys):
+            counts = self._counts(log_scales[k], ratios[k], levels.shape[1])
+            product = self._sparse_update(key, counts, levels[k])
+            if product is None:
+                product = self._full(levels[k], log_scales[k], ratios[k])
+            residual = torch.mul(product, scales[k], out=self._residual).sub_(self.target)
+            error = residual.square_().sum(dtype=torch.float64)
+            errors.append(error)
+            entry = _Product(key, counts, product)
+            best = _keep_best(best, (float(error), k, entry), self.capacity)
+        self.kept = [entry for _, _, entry in best]
+        return torch.stack(errors)
+
+    def _full(self, levels: Tensor, log_scale: Tensor, ratio: Tensor) -> Tensor:
+        self.counters["full"] += 1
+        max_code = int(LOG_FLOOR_EXPONENT * float(ratio)) + 1
+        table = torch.zeros(max(levels.numel(), max_code + 1), dtype=levels.dtype)
+        table[: levels.numel()] = levels
+        # log_codes_from_exponent's float steps, into the work buffers
+        exponent = torch.sub(log_scale, self.log_x, out=self._exponent)
+        exponent.clamp_(0.0, LOG_FLOOR_EXPONENT).mul_(ratio).round_()
+        codes = self._codes.copy_(exponent).view(-1)
+        torch.index_select(table, 0, codes, out=self._inputs.view(-1))
+        return self._inputs @ self.w_t
+
+    def _counts(self, log_scale: Tensor, ratio: Tensor, n_levels: int) -> Tensor:
+        """``p_k`` = inputs with code > k, exact: located near the threshold
+        ``log s − (k + ½)/ratio`` and settled with the code formula in a small window."""
+        n = self.sorted_log.numel()
+        k = torch.arange(n_levels)
+        thresholds = (log_scale - (k + 0.5) / ratio).to(self.sorted_log.dtype)
+        approx = torch.searchsorted(self.sorted_log, thresholds)
+        lo = (approx - self.WINDOW).clamp(0, n)
+        hi = (approx + self.WINDOW).clamp(0, n)
+        index = lo[:, None] + torch.arange(2 * self.WINDOW)
+        inside = index < hi[:, None]
+        codes = log_codes_from_exponent(self.sorted_log[index.clamp(max=n - 1)], log_scale, ratio)
+        counts = lo + ((codes > k[:, None]) & inside).sum(1)
+        below = self.sorted_log[(lo - 1).clamp(min=0)]
+        above = self.sorted_log[hi.clamp(max=n - 1)]
+        left_ok = (lo == 0) | (log_codes_from_exponent(below, log_scale, ratio) > k)
+        right_ok = (hi == n) | (log_codes_from_exponent(above, log_scale, ratio) <= k)
+        if bool((left_ok & right_ok).all()):
+            return counts
+        codes = log_codes_from_exponent(self.sorted_log, log_scale, ratio)  # rare: wide tie run
+        return torch.searchsorted(-codes, -(k + 1).to(codes.dtype), right=True)
+
+    def _sparse_update(self, key: int, counts: Tensor, levels: Tensor) -> Tensor | None:
+        """``U`` from the closest kept candidate with the same levels, or ``None`` if none is
+        within ``max_changed`` changed inputs."""
+        same = [entry for entry in self.kept if entry.key == key]
+        if not same:
+            return None
+        changed = [int((counts - entry.counts).abs().sum()) for entry in same]
+        nearest = min(range(len(same)), key=changed.__getitem__)
+        if changed[nearest] > self.max_changed:
+            return None
+        self.counters["sparse"] += 1
+        parent = same[nearest]
+        lo, hi = torch.minimum(counts, parent.counts), torch.maximum(counts, parent.counts)
+        lengths = hi - lo
+        table = torch.cat([levels, levels.new_zeros(1)])
+        # crossing boundary k upwards (code k -> k+1) changes the value by L[k+1] - L[k]
+        step = (table[1:] - table[:-1]) * torch.sign(counts - parent.counts).to(levels.dtype)
+        starts = torch.repeat_interleave(lo - (torch.cumsum(lengths, 0) - lengths), lengths)
+        positions = torch.arange(int(lengths.sum())) + starts
+        values = torch.repeat_interleave(step, lengths)
+        rows, cols = self.rows[positions], self.cols[positions]
+        shape = self.log_x.shape
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), values, shape, check_invariants=False
+        )
+        return parent.product + torch.sparse.mm(sparse, self.w_t)
+
+
+def _keep_best(best: list, item: tuple, capacity: int) -> list:
+    """The ``capacity`` lowest-error items of ``best + [item]`` (ties: earlier first)."""
+    best = sorted([*best, item], key=lambda entry: (entry[0], entry[1]))
+    return best[:capacity]

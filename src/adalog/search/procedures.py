@@ -45,6 +45,7 @@ from adalog.search.grids import (
 )
 from adalog.search.objectives import (
     LOG_FLOOR_EXPONENT,
+    LogInputError,
     in_chunks,
     input_self_error,
     linear_input_error,
@@ -201,7 +202,7 @@ def calibrate_post_gelu_log(
         if settings.naive:
             scorer = naive.LogInputScorer(x, target, weight_quant(weight), n_a, shift)
         else:
-            scorer = _LogInputScorer(x, log_x, target, weight_quant(weight), n_a, shift)
+            scorer = _LogInputScorer(log_x, target, weight_quant(weight), n_a, shift)
         if own_kind == "adalog":
             search = fpcs_adalog if settings.fpcs else exhaustive_adalog
             kwargs = {"steps": settings.steps} if settings.fpcs else {"eq_n": settings.eq_n}
@@ -247,34 +248,28 @@ def _fixed_base_scale(scorer, kind: str, scale_grid, settings: SearchSettings) -
 
 
 class _LogInputScorer:
-    """Per-tensor layer-output error of log-quantized inputs (post-GELU fc2)."""
+    """Per-tensor layer-output error of log-quantized inputs (post-GELU fc2); see
+    :class:`LogInputError` for how refinement candidates reuse their parents' products."""
 
-    def __init__(self, x, log_x, target, w_hat, n_bits, shift) -> None:
-        self.x, self.log_x, self.target, self.w_hat = x, log_x, target, w_hat
-        self.n_bits, self.shift = n_bits, shift
+    #: Level-table keys of the fixed-base kinds (AdaLog uses its q, which is positive).
+    FIXED_KEYS = {"log2": -1, "logsqrt2": -2}
 
-    def _error(self, luts: Tensor, log_scales: Tensor, ratios: Tensor) -> Tensor:
-        def quantize(_x: Tensor, sl: slice) -> Tensor:
-            codes = log_codes_from_exponent(
-                self.log_x[None], log_scales[sl, None, None], ratios[sl, None, None]
-            )
-            return lut_values(luts[sl], codes)
-
-        return linear_input_error(self.x, self.target, self.w_hat, quantize, luts.shape[0])
+    def __init__(self, log_x, target, w_hat, n_bits, shift) -> None:
+        self.n_bits = n_bits
+        self.error = LogInputError(log_x, target, w_hat, shift)
 
     def adalog(self, scales: Tensor, qs: Tensor) -> Tensor:
-        max_code = int(LOG_FLOOR_EXPONENT * ADALOG_R / int(qs.min())) + 1
         levels = adalog_levels(qs.long(), self.n_bits)
-        luts = log_lut(levels, scales, self.shift, max_code)
-        return self._error(luts, torch.log2(scales), ADALOG_R / qs.to(scales.dtype))
+        ratios = ADALOG_R / qs.to(scales.dtype)
+        return self.error(levels, qs.tolist(), scales, torch.log2(scales), ratios)
 
     def fixed(self, scales: Tensor, kind: str) -> Tensor:
         n = 2**self.n_bits
         ratio = 1.0 if kind == "log2" else 2.0
         k = torch.arange(n, dtype=scales.dtype)
         levels = (2.0 ** (-k / ratio)).expand(scales.shape[0], n)
-        luts = log_lut(levels, scales, self.shift, int(LOG_FLOOR_EXPONENT * ratio) + 1)
-        return self._error(luts, torch.log2(scales), torch.full_like(scales, ratio))
+        keys = [self.FIXED_KEYS[kind]] * scales.shape[0]
+        return self.error(levels, keys, scales, torch.log2(scales), torch.full_like(scales, ratio))
 
 
 def calibrate_post_gelu_twin(
