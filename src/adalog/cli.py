@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="top-1/top-5 of a model on an image folder")
     _add_model_args(ev, required=False)
     ev.add_argument("--quantized", help="evaluate the quantized checkpoint in this folder")
+    ev.add_argument("--artifact", help="run this exported integer artifact (adalog export)")
+    ev.add_argument(
+        "--engine",
+        choices=("reference", "fast"),
+        help="CPU engine: integer execution of --artifact (reference: int64 GEMMs; fast: int8 "
+        "torch._int_mm; default reference), or with --model the FP32 model on the same torch "
+        "CPU (fast only)",
+    )
     _add_data_args(ev)
     ev.add_argument("--json", help="write the result to this JSON file")
     ev.set_defaults(func=_cmd_eval)
@@ -94,13 +102,21 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from adalog.pipelines.checkpoint import load_quantized
     from adalog.pipelines.evaluate import build_eval_loader, evaluate
 
-    if args.quantized:
+    _check_eval_sources(args)
+    device = "cpu" if args.engine or args.artifact else args.device
+    if args.artifact:
+        from adalog.runtime import load_integer_model
+
+        engine = args.engine or "reference"
+        model = load_integer_model(args.artifact, engine, expected_model=args.model)
+        name = model.adalog_meta["model"]
+    elif args.quantized:
         model = load_quantized(args.quantized, expected_model=args.model)
         name = model.adalog_meta["model"]
     elif args.model:
         model, name = create_model(args.model, weights=args.weights), args.model
     else:
-        raise AdalogError("pass --model (FP evaluation) or --quantized QDIR")
+        raise AdalogError("pass --model (FP evaluation), --quantized QDIR or --artifact ART")
     loader = build_eval_loader(
         model,
         args.data,
@@ -111,11 +127,31 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         workers=args.workers,
         skip_bad_images=args.skip_bad_images,
     )
-    result = evaluate(model, loader, device=args.device, name=name)
+    result = evaluate(model, loader, device=device, name=name)
     if args.quantized:
         result.extra["quantized"] = str(args.quantized)
         result.extra["bits"] = model.adalog_meta["bits"]
+    if args.artifact:
+        kernel = model.integer_kernel
+        result.extra.update(artifact=str(args.artifact), bits=model.adalog_meta["bits"])
+        result.extra.update(engine=engine, precision="integer", kernel_calls=kernel.stats)
+        if getattr(kernel, "fallback_reason", None):
+            result.extra["kernel_fallback"] = kernel.fallback_reason
+    elif args.engine:
+        result.extra.update(engine=args.engine, precision="fp32")
     _report(result, args.json)
+
+
+def _check_eval_sources(args: argparse.Namespace) -> None:
+    """One model source; engines are CPU-only and run artifacts or the FP32 baseline."""
+    if args.artifact and args.quantized:
+        raise AdalogError("pass either --quantized (fake-quant) or --artifact (integer), not both")
+    if args.engine and args.quantized:
+        raise AdalogError("--engine runs an --artifact or the FP32 --model, not --quantized")
+    if args.engine == "reference" and not args.artifact:
+        raise AdalogError("the reference engine runs integer artifacts; the FP32 baseline is fast")
+    if (args.engine or args.artifact) and args.device not in ("auto", "cpu"):
+        raise AdalogError(f"the integer/fast engines run on the CPU, not --device {args.device}")
 
 
 def _add_variant_args(parser: argparse.ArgumentParser) -> None:
@@ -223,9 +259,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _report(result, json_path: str | None) -> None:
     from adalog.io import atomic_write_json
 
+    speed = result.extra.get("images_per_s")
     print(
         f"{result.model}: top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  "
-        f"n={result.n}  skipped={result.skipped_images}  ({result.seconds:.1f} s)"
+        f"n={result.n}  skipped={result.skipped_images}  ({result.seconds:.1f} s"
+        + (f", model {speed:.1f} images/s)" if speed else ")")
     )
     if json_path:
         atomic_write_json(json_path, result.to_json())

@@ -1,0 +1,374 @@
+"""Integer executor (issue 7): integer vs fake-quant logits, fast vs reference engine, the
+fixed-point LUT, the kernels, the ``adalog eval --artifact/--engine`` contract, bad artifacts."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import adalog
+from adalog.cli import main
+from adalog.config import AdaLogConfig
+from adalog.errors import ArtifactError
+from adalog.models.qmodules import QuantLinear
+from adalog.pipelines.export import META_FILE, TENSORS_FILE, build_artifact, fake_quant_model
+from adalog.quant import GELU_SHIFT, LogQuantizer, UniformQuantizer
+from adalog.quant.log import adalog_denominator, adalog_lut_numerators, adalog_tables
+from adalog.runtime import build_integer_model, load_integer_model
+from adalog.runtime import kernels as kernels_mod
+from adalog.runtime.integer import Coded, LogCoder, _log_tables, int_bilinear, log_index
+from adalog.runtime.kernels import FastKernel, ReferenceKernel
+
+VIT = {"depth": 2, "img_size": 64, "patch_size": 16, "embed_dim": 64, "num_heads": 2}
+SWIN = {"depths": (1, 1), "num_heads": (1, 2), "embed_dim": 16, "img_size": 56}
+QUICK = {"eq_n": 32, "search_rounds": 1, "fpcs_steps": 2}
+VARIANTS = {
+    "adalog": ("w4a4", {}),
+    "twin+logsqrt2": ("w4a4", {"post_gelu": "twin", "post_softmax": "logsqrt2"}),
+    "logsqrt2+uniform": ("w4a4", {"post_gelu": "logsqrt2", "post_softmax": "uniform"}),
+    "log2": ("w4a4", {"post_gelu": "log2", "post_softmax": "log2"}),
+    "w3a4": ("w4a4", {"w_bits": 3}),
+    "w6a6": ("w6a6", {"eq_n": 64}),  # 6-bit conv weights have 32 zero points
+}
+
+
+@functools.cache
+def _quantized(variant: str, swin: bool = False) -> torch.nn.Module:
+    preset, overrides = VARIANTS[variant]
+    kwargs, arch, size = (
+        (SWIN, "swin_tiny_patch4_window7_224", 56) if swin else (VIT, "vit_tiny_patch16_224", 64)
+    )
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, **kwargs).eval()
+    images = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
+    config = AdaLogConfig.preset(preset, **(QUICK | overrides))
+    return adalog.quantize(model, images, config, progress=False, model_kwargs=kwargs)
+
+
+def _images(swin: bool = False, n: int = 6) -> torch.Tensor:
+    size = 56 if swin else 64
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(5))
+
+
+def _exact_tables(module: torch.nn.Module) -> torch.nn.Module:
+    """Float64 T2 = (D·T2)/D; the stored float32 T2 is off by ~1e-8, which a float64 check
+    would otherwise see (and which can flip a later code)."""
+    for m in module.modules():
+        if isinstance(m, LogQuantizer) and m.kind == "adalog":
+            m.t2 = adalog_lut_numerators(m.q, m.n_bits).double() / adalog_denominator(m.n_bits)
+    return module
+
+
+def _logits(artifact, x: torch.Tensor, engine: str = "reference", dtype=torch.float32):
+    fake_model = fake_quant_model(artifact).to(dtype)
+    if dtype == torch.float64:
+        _exact_tables(fake_model)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the fake Log-√2 builds its √2 in the default dtype
+    try:
+        with torch.no_grad():
+            fake = fake_model(x.to(dtype))
+            integer = build_integer_model(artifact, engine, dtype)(x.to(dtype))
+    finally:
+        torch.set_default_dtype(default)
+    return fake, integer
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize(
+    "variant,swin", [(v, False) for v in VARIANTS] + [("adalog", True)], ids=lambda v: str(v)
+)
+def test_integer_logits_match_fake_quant(variant: str, swin: bool):
+    artifact = build_artifact(_quantized(variant, swin))
+    x = _images(swin)
+    fake, integer = _logits(artifact, x)
+    # float32: only float rounding differs (exact integer sums vs float sums of products)
+    assert _rel(integer, fake) < 1e-5
+    assert torch.equal(integer.argmax(-1), fake.argmax(-1))
+    # float64 everywhere: no rounding noise left, so every code matched and the LUT/shift/zero
+    # point algebra is exact (a single flipped code would move the logits by >> 1e-12)
+    fake64, integer64 = _logits(artifact, x, dtype=torch.float64)
+    assert _rel(integer64, fake64) < 1e-12
+
+
+@pytest.mark.parametrize("variant", ["adalog", "twin+logsqrt2", "w6a6"])
+def test_fast_engine_is_bit_identical_to_reference(variant: str):
+    artifact = build_artifact(_quantized(variant))
+    x = _images()
+    fast = build_integer_model(artifact, "fast")
+    with torch.no_grad():
+        assert torch.equal(fast(x), build_integer_model(artifact, "reference")(x))
+    kernel = fast.integer_kernel
+    if kernel.fallback_reason is None:  # torch without a CPU int8 GEMM takes the fallback
+        assert kernel.stats["int_mm"] > 0 and set(kernel.stats) == {"int_mm"}
+
+
+def test_unfolded_post_gelu_shift_is_applied_from_column_sums():
+    model = _quantized("adalog")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        for module in model.modules():
+            if isinstance(module, QuantLinear) and isinstance(module.input_quant, LogQuantizer):
+                with torch.no_grad():  # undo the §4 fold: bias back, quantizer subtracts shift
+                    module.bias += GELU_SHIFT * module.quantized_weight().sum(1)
+                module.input_quant.set_shift_folded(False)
+        artifact = build_artifact(model)
+        artifact.tensors = {k: v.clone() for k, v in artifact.tensors.items()}  # shares storage
+    finally:
+        model.load_state_dict(state)
+    integer = build_integer_model(artifact)
+    assert integer.blocks[0].mlp.fc2.coder.offset == pytest.approx(-GELU_SHIFT)
+    fake64, integer64 = _logits(artifact, _images(), dtype=torch.float64)
+    assert _rel(integer64, fake64) < 1e-12
+
+
+def _log_quantizer(n_bits: int, q: int, scale: float = 1.0) -> LogQuantizer:
+    quant = LogQuantizer(n_bits, "adalog")
+    quant.set_params(scale=scale, q=q)
+    return quant.eval()
+
+
+def _tables(quant: LogQuantizer):
+    if quant.kind != "adalog":
+        return _log_tables(None, "p", quant)
+    t1, _ = adalog_tables(quant.q, quant.n_bits)
+    numerators = adalog_lut_numerators(quant.q, quant.n_bits)
+    artifact = type("A", (), {"tensors": {"p.lut_numerators": numerators, "p.t1": t1}})()
+    return _log_tables(artifact, "p", quant)
+
+
+def test_fixed_point_lut_follows_the_spec_test_vector():
+    # §1.6, b = 3, q = 25: T1 = 0 0 1 2 2 3 4 4, D·T2 = 14 9 11 14 9 11 13 8 -> F = 4 and
+    # a_k = (D·T2) << (4 - T1); code 8 is the zero state
+    quant = _log_quantizer(3, 25)
+    expected = [224, 144, 88, 56, 36, 22, 13, 8, 0]
+    reference = LogCoder(quant, _tables(quant), ReferenceKernel())
+    assert reference.frac_bits == 4 and reference.table0_0.tolist() == expected
+    fast = LogCoder(quant, _tables(quant), FastKernel())
+    low, high = fast.table0_0, fast.table0_1
+    assert low.dtype == torch.int8 and (low.long() + 128 * high.long()).tolist() == expected
+    assert fast.factors == [1 / (14 * 16)]
+
+
+@pytest.mark.parametrize(
+    "kind,q,exact",
+    [("adalog", 37, True), ("adalog", 25, True), ("adalog", 137, False), ("log2", None, True)]
+    + [("logsqrt2", None, True)],
+)
+def test_log_operand_against_table_form(kind: str, q: int | None, exact: bool):
+    """attn·v with log-coded probabilities vs the table form of §1.4-§1.6 written out in
+    float64. AdaLog q = 137 at 4 bits has T1 up to 55 > 24, so codes below 2^-24 are rounded
+    to the 2^-24/D grid (bounded error)."""
+    quant = LogQuantizer(4, kind)
+    quant.set_params(scale=0.9, **({"q": q} if q else {}))
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(4 * torch.randn(2, 3, 20, 20, generator=g), -1)
+    probs[0, 0, 0, :5] = 0.0
+    codes = quant.quantize(probs)
+    assert len(codes.unique()) >= 10 and (codes % 2 == 1).any() and (codes % 2 == 0).any()
+    v_quant = UniformQuantizer(4, (1, 3, 1, 1))
+    v_quant.set_params(torch.tensor([0.1, 0.2, 0.05]).view(1, 3, 1, 1), 7.0)
+    v = torch.randn(2, 3, 20, 8, generator=g)
+    v_codes, v_scale = v_quant.quantize(v) - 8, v_quant.scale.double()
+    v_op = Coded([[v_codes]], [torch.round(v_quant.zero_point).long() - 8], [v_scale])
+    v_hat = (v_codes - v_op.zeros[0]).double() * v_scale
+    expected = float(quant.scale) * _table_levels(quant)[codes] @ v_hat
+    for kernel in (ReferenceKernel(), FastKernel()):
+        coder = LogCoder(quant.double(), _tables(quant), kernel)
+        got = int_bilinear(coder(probs), v_op, kernel)
+        if exact:
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+        else:
+            assert coder.frac_bits == 24
+            bound = 20 * 15 * 0.2 * 0.9 * 0.5 / (30 * 2.0**24)  # K·max|v̂|·s·½ulp
+            assert 0 < float((got - expected).abs().max()) <= bound
+
+
+def _table_levels(quant: LogQuantizer) -> torch.Tensor:
+    """Float64 level of every code (zero state last): the spec's table form, not our code."""
+    k = torch.arange(quant.n_levels, dtype=torch.float64)
+    if quant.kind == "log2":
+        levels = 2.0**-k
+    elif quant.kind == "logsqrt2":
+        sqrt2 = torch.tensor(math.sqrt(2.0), dtype=torch.float64)
+        levels = 2.0 ** -torch.ceil(k / 2) * torch.where(k % 2 == 1, sqrt2, 1.0)
+    else:
+        t1, _ = adalog_tables(quant.q, quant.n_bits)
+        d = adalog_denominator(quant.n_bits)
+        levels = adalog_lut_numerators(quant.q, quant.n_bits).double() / d * 2.0 ** -t1.double()
+    return torch.cat([levels, levels.new_zeros(1)])
+
+
+def test_fixed_point_rounds_codes_beyond_the_fraction_cap_to_nearest():
+    quant = _log_quantizer(4, 137)
+    numerators, shifts, _ = _tables(quant)
+    table = LogCoder(quant, (numerators, shifts, 30), ReferenceKernel()).table0_0
+    pairs = zip(numerators.tolist(), shifts.tolist(), strict=True)
+    expected = [math.floor(n * 2.0 ** (24 - t) + 0.5) for n, t in pairs]  # exact in float64
+    assert table[:-1].tolist() == expected and int(shifts.max()) == 55
+    assert table[8].item() == 1  # 19·2^-5 = 0.59 rounds up (a truncating shift gives 0)
+
+
+@pytest.mark.parametrize("kind", ["adalog", "log2", "logsqrt2"])
+@pytest.mark.parametrize("shift", [0.0, GELU_SHIFT])
+def test_log_index_equals_quantizer_codes(kind: str, shift: float):
+    quant = LogQuantizer(4, kind, shift=shift)
+    quant.set_params(scale=0.7, **({"q": 19} if kind == "adalog" else {}))
+    x = torch.cat([torch.randn(500) * 0.4, torch.tensor([0.0, -0.2, 0.7, 5.0, 1e-9])])
+    assert torch.equal(log_index(x, quant).long(), quant.quantize(x))
+
+
+def test_fast_kernel_planes_batching_and_fallbacks_are_exact(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 30 * 2**9, (2, 3, 5, 24), generator=g)  # 14-bit values: 2 planes
+    b = torch.randint(-8, 8, (1, 3, 24, 7), generator=g)  # broadcast batch dim
+    expected = (a @ b, a.sum(-1, keepdim=True))
+
+    def check(kernel):
+        acc, rowsum = kernel.matmul(kernel_planes(kernel, a), b)
+        assert torch.equal(acc.long(), expected[0]) and torch.equal(rowsum.long(), expected[1])
+
+    def kernel_planes(kernel, values):
+        planes = kernel.plane_tables(values.reshape(-1))
+        return [p.reshape(values.shape) for p in planes]
+
+    fast = FastKernel()
+    assert len(kernel_planes(fast, a)) == 2
+    check(fast)
+    check(ReferenceKernel())
+    monkeypatch.setattr(kernels_mod, "MAX_FAST_K", 16)
+    large_k = FastKernel()
+    check(large_k)
+    assert large_k.stats == {"int64_matmul_large_k": 1}
+    monkeypatch.undo()
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no int8 GEMM here")
+
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    fallback = FastKernel()
+    check(fallback)
+    assert "no int8 GEMM" in fallback.fallback_reason and fallback.stats["int32_matmul_fallback"]
+
+
+# --- CLI contract ------------------------------------------------------------------------------
+
+TINY224 = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY224).eval()
+    images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    adalog.quantize(model, images, AdaLogConfig.w4a4(**QUICK), False, model_kwargs=TINY224)
+    qdir = tmp_path_factory.mktemp("q")
+    adalog.save_quantized(model, qdir)
+    out = tmp_path_factory.mktemp("art")
+    assert main(["export", str(qdir), "--out", str(out)]) == 0
+    return out
+
+
+def _eval(args: list[str], data: Path, out: Path) -> dict:
+    common = ["--data", str(data), "--json", str(out), "--workers", "0", "--batch-size", "4"]
+    assert main(["eval", *args, *common]) == 0
+    return json.loads(out.read_text())
+
+
+def test_cli_eval_artifact_engines(artifact_dir: Path, tiny_folder: Path, tmp_path: Path):
+    results = {
+        engine: _eval(
+            ["--artifact", str(artifact_dir), "--engine", engine], tiny_folder, tmp_path / engine
+        )
+        for engine in ("reference", "fast")
+    }
+    for engine, result in results.items():
+        assert result["engine"] == engine and result["precision"] == "integer"
+        assert result["n"] == 6 and result["batch_size"] == 4 and result["images_per_s"] > 0
+        assert result["device"] == "cpu" and result["bits"] == {"w": 4, "a": 4, "s": 4}
+    assert results["fast"]["top1"] == results["reference"]["top1"]
+    assert results["fast"]["top5"] == results["reference"]["top5"]
+    assert results["reference"]["kernel_calls"]["int64_matmul"] > 0
+
+
+def test_cli_eval_fp32_through_the_fast_engine(random_deit_and_images, tmp_path: Path):
+    weights, data = random_deit_and_images
+    args = ["--model", "deit_tiny_patch16_224", "--weights", str(weights), "--engine", "fast"]
+    result = _eval(args, data, tmp_path / "fp.json")
+    assert result["engine"] == "fast" and result["precision"] == "fp32"
+    assert result["n"] == 2 and result["images_per_s"] > 0 and result["batch_size"] == 4
+
+
+def test_cli_eval_refuses_bad_artifacts_and_combinations(
+    artifact_dir: Path, tiny_folder: Path, tmp_path: Path, capsys
+):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    meta = json.loads((artifact_dir / META_FILE).read_text())
+    (bad / META_FILE).write_text(json.dumps(meta | {"format_version": 2}))
+    (bad / TENSORS_FILE).write_bytes((artifact_dir / TENSORS_FILE).read_bytes())
+    base = ["eval", "--data", str(tiny_folder)]
+    assert main([*base, "--artifact", str(bad), "--engine", "fast"]) == 1
+    assert "format version 2 is not supported" in capsys.readouterr().err
+    assert main([*base, "--artifact", str(artifact_dir), "--model", "deit_tiny_patch16_224"]) == 1
+    assert "made for model 'vit_tiny_patch16_224'" in capsys.readouterr().err
+    assert main([*base, "--model", "vit_tiny_patch16_224", "--engine", "reference"]) == 1
+    assert "reference engine runs integer artifacts" in capsys.readouterr().err
+    assert main([*base, "--quantized", "q", "--artifact", str(artifact_dir)]) == 1
+    assert main([*base, "--artifact", str(artifact_dir), "--device", "cuda"]) == 1
+    assert "run on the CPU" in capsys.readouterr().err
+
+
+def test_tampered_lut_is_refused(artifact_dir: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(artifact_dir / TENSORS_FILE))
+    key = "blocks.0.mlp.fc2.input_quant.lut_numerators"
+    tensors[key] = tensors[key] + 1
+    (tmp_path / META_FILE).write_text((artifact_dir / META_FILE).read_text())
+    save_file(tensors, str(tmp_path / TENSORS_FILE))
+    with pytest.raises(ArtifactError, match="LUT numerators do not match"):
+        load_integer_model(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_vit_tiny_artifact_matches_fake_quant_in_float64():
+    """The W4A4 ViT-Tiny artifact of benchmarks/RESULTS.md (runs/ is not in git)."""
+    art_dir = Path(__file__).resolve().parents[1] / "runs" / "w4a4_refcalib_art"
+    if not (art_dir / META_FILE).is_file():
+        pytest.skip("no runs/w4a4_refcalib_art; `adalog export runs/w4a4_refcalib --out ...`")
+    from adalog.pipelines.export import read_artifact
+
+    artifact = read_artifact(art_dir)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    fake64, integer64 = _logits(artifact, x, dtype=torch.float64)
+    assert _rel(integer64, fake64) < 1e-12
+    with torch.no_grad():
+        fast = build_integer_model(artifact, "fast")(x)
+        assert torch.equal(fast, build_integer_model(artifact, "reference")(x))
+
+
+def test_large_zero_points_widen_the_fast_accumulator():
+    """Zero points far outside the code range would overflow int32 corrections at large K."""
+    g = torch.Generator().manual_seed(0)
+    k = kernels_mod.MAX_FAST_K
+    a = torch.randint(-128, 128, (2, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, 3), generator=g, dtype=torch.int8)
+    za, zb = torch.tensor([400]), torch.tensor([-300, 0, 400])
+    ones = torch.ones(1, dtype=torch.float64)
+    results = [
+        int_bilinear(Coded([[a]], [za], [ones]), Coded([[b]], [zb], [ones]), kernel)
+        for kernel in (ReferenceKernel(), FastKernel())
+    ]
+    expected = (a.double() - 400) @ (b.double() - zb.double())
+    assert torch.equal(results[0], expected) and torch.equal(results[1], expected)
