@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -49,10 +50,8 @@ from adalog.search.objectives import (
     in_chunks,
     input_self_error,
     linear_input_error,
-    log_codes_from_exponent,
     log_exponent,
     log_lut,
-    lut_values,
     uniform_input_error,
     weight_output_error,
     weight_self_error,
@@ -413,30 +412,46 @@ def calibrate_matmul_av(
         return _calibrate_av_uniform(attn, v, target, a_quant, b_quant, b_grid, settings)
     searches_base = a_quant.kind == "adalog"
     n_s = a_quant.n_bits
-    log_attn = torch.log2(attn.clamp_min(torch.finfo(attn.dtype).tiny))
+    base_error = None if settings.naive else _AvBaseError(attn, target, n_s)
     for _ in range(settings.rounds if searches_base else 1):
         if searches_base:
             v_hat = b_quant(v)
-
-            if settings.naive:
+            if base_error is None:
                 score_q = naive.post_softmax_base_error(attn, v_hat, target, n_s)
             else:
-
-                def score_q(qs: Tensor, v_hat: Tensor = v_hat) -> Tensor:
-                    errors = [_av_base_error(log_attn, v_hat, target, int(q), n_s) for q in qs]
-                    return torch.stack(errors)
-
+                score_q = partial(base_error, v_hat=v_hat)
             a_quant.set_q(best_q(score_q, adalog_q_candidates(settings.eq_n)).q)
         score_b = _operand_b(settings)(a_quant(attn), v, target, n_b)
         _per_head(b_quant, _search(settings, score_b, b_grid))
 
 
-def _av_base_error(log_attn: Tensor, v_hat: Tensor, target: Tensor, q: int, n_bits: int) -> Tensor:
-    ratio = torch.tensor(ADALOG_R / q)
-    codes = log_codes_from_exponent(log_attn, torch.tensor(0.0), ratio)
-    max_code = int(LOG_FLOOR_EXPONENT * ADALOG_R / q) + 1
-    lut = log_lut(adalog_levels(q, n_bits), torch.tensor(1.0), 0.0, max_code)
-    return (lut_values(lut[None], codes) @ v_hat - target).square_().sum()
+class _AvBaseError:
+    """Errors of ``AdaLog_q(attn; scale 1) @ v̂`` for candidate bases q (§5.6).
+
+    With scale 1 the clamped exponent ``-log2 attn`` is the same for every q, so it is computed
+    once; each q costs one multiply-round into reused buffers, a table lookup and the matmul.
+    """
+
+    def __init__(self, attn: Tensor, target: Tensor, n_bits: int) -> None:
+        log_attn = torch.log2(attn.clamp_min(torch.finfo(attn.dtype).tiny))
+        # = log_codes_from_exponent(log_attn, 0, ratio) before its multiply: same float steps
+        self.exponent = (0.0 - log_attn).clamp_(0.0, LOG_FLOOR_EXPONENT)
+        self.target, self.n_bits = target, n_bits
+        self._scaled = torch.empty_like(self.exponent)
+        self._codes = torch.empty(attn.shape, dtype=torch.int32)
+        self._values = torch.empty_like(attn)
+
+    def __call__(self, qs: Tensor, v_hat: Tensor) -> Tensor:
+        return torch.stack([self._error(int(q), v_hat) for q in qs])
+
+    def _error(self, q: int, v_hat: Tensor) -> Tensor:
+        ratio = torch.tensor(ADALOG_R / q)
+        torch.mul(self.exponent, ratio, out=self._scaled).round_()
+        codes = self._codes.copy_(self._scaled).view(-1)
+        max_code = int(LOG_FLOOR_EXPONENT * ADALOG_R / q) + 1
+        lut = log_lut(adalog_levels(q, self.n_bits), torch.tensor(1.0), 0.0, max_code)
+        torch.index_select(lut, 0, codes, out=self._values.view(-1))
+        return (self._values @ v_hat - self.target).square_().sum()
 
 
 def _calibrate_av_uniform(attn, v, target, a_quant, b_quant, b_grid, settings) -> None:
