@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate on the eval transform instead of training augmentation",
     )
     _add_variant_args(qu)
+    qu.add_argument(
+        "--reconstruct",
+        nargs="?",
+        const="fast",
+        metavar="PRESET|FILE",
+        help="after calibration, block reconstruction (AdaRound + activation scales) on views of "
+        "the calibration images: preset 'fast' (default when the flag is bare) or 'reference', "
+        "or a JSON/YAML ReconstructConfig file; --seed also seeds it",
+    )
     qu.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     qu.set_defaults(func=_cmd_quantize)
 
@@ -209,14 +218,29 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     if args.eval_transform:
         overrides["calib_augment"] = False
     config = config.with_overrides(**overrides)
+    recon = _reconstruct_config(args)
     model = create_model(args.model, weights=args.weights)
     images = load_calibration_images(model, args.calib_data, args.calib_list, config)
     calibrate(model, images, config)
+    if recon is not None:
+        from adalog.pipelines.reconstruct import reconstruct
+
+        reconstruct(model, images, recon)
     save_quantized(model, args.out)
     print(
-        f"wrote quantized {args.model} ({config.w_bits}/{config.a_bits}/{config.s_bits} bits) "
-        f"to {args.out}"
+        f"wrote quantized {args.model} ({config.w_bits}/{config.a_bits}/{config.s_bits} bits"
+        f"{', reconstructed' if recon is not None else ''}) to {args.out}"
     )
+
+
+def _reconstruct_config(args: argparse.Namespace):
+    """The ReconstructConfig named by ``--reconstruct`` (None without the flag)."""
+    if args.reconstruct is None:
+        return None
+    from adalog.recon.config import ReconstructConfig
+
+    recon = ReconstructConfig.resolve(args.reconstruct)
+    return recon if args.seed is None else recon.with_overrides(seed=args.seed)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:

@@ -1,0 +1,121 @@
+"""Calibrate (or load a calibrated checkpoint), reconstruct, evaluate on dev-rest; print a table
+row and write JSON (top-1/top-5, calibration and reconstruction seconds, peak RSS, per block).
+
+Example (ViT-Tiny W4A4, reference calibration tensors, fast reconstruction):
+    python benchmarks/reconstruct_eval.py --calib-tensor \
+        ../shared/data/imagenet-sample/reference_calib32_vit_tiny.safetensors \
+        --reconstruct fast --out runs/w4a4_recon_fast.json --save runs/w4a4_recon_fast
+Reuse a calibrated checkpoint (its bias fold is undone and redone with the new weights):
+    python benchmarks/reconstruct_eval.py --quantized runs/w4a4_refcalib --calib-tensor ... \
+        --reconstruct fast --rset iterations=200 --out runs/w4a4_recon_200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Subset
+
+from adalog.config import AdaLogConfig
+from adalog.io import atomic_write_json
+from adalog.models import create_model
+from adalog.pipelines.calibrate import calibrate, load_calibration_images
+from adalog.pipelines.checkpoint import load_quantized, save_quantized
+from adalog.pipelines.evaluate import build_eval_loader, evaluate
+from adalog.pipelines.reconstruct import reconstruct
+from adalog.recon.config import ReconstructConfig
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SAMPLE = SHARED / "data" / "imagenet-sample"
+
+
+def _overrides(items: list[str]) -> dict:
+    return {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser.add_argument(
+        "--weights",
+        default=str(SHARED / "models" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"),
+    )
+    parser.add_argument("--quantized", help="calibrated checkpoint to start from (no calibration)")
+    parser.add_argument("--preset", default="w4a4")
+    parser.add_argument("--set", nargs="*", default=[], help="calibration overrides key=JSON")
+    parser.add_argument("--calib-tensor", help="safetensors file with calibration inputs 'x'")
+    parser.add_argument("--calib-limit", type=int, help="use only the first N calibration images")
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--reconstruct", default="fast", help="preset or ReconstructConfig file")
+    parser.add_argument("--rset", nargs="*", default=[], help="reconstruction overrides key=JSON")
+    parser.add_argument("--eval-limit", type=int, help="evaluate only the first N dev-rest images")
+    parser.add_argument("--out", required=True, help="JSON result file")
+    parser.add_argument("--save", help="also save the reconstructed model to this directory")
+    return parser.parse_args()
+
+
+def _model_and_config(args: argparse.Namespace):
+    if args.quantized:
+        model = load_quantized(args.quantized)
+        return model, AdaLogConfig.from_dict(model.adalog_meta["config"])
+    config = AdaLogConfig.preset(args.preset, seed=args.seed, **_overrides(args.set))
+    return create_model(args.model, weights=args.weights), config
+
+
+def _loader(model: torch.nn.Module, limit: int | None) -> DataLoader:
+    loader = build_eval_loader(model, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
+    if limit is None:
+        return loader
+    subset = Subset(loader.dataset, range(min(limit, len(loader.dataset))))
+    return DataLoader(subset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+
+
+def main() -> None:
+    args = _parse()
+    recon = ReconstructConfig.resolve(args.reconstruct).with_overrides(
+        seed=args.seed, **_overrides(args.rset)
+    )
+    model, config = _model_and_config(args)
+    if args.calib_tensor:
+        images = load_file(args.calib_tensor)["x"]
+    else:
+        images = load_calibration_images(model, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
+    images = images[: args.calib_limit]
+    calib_seconds = None
+    if not args.quantized:
+        start = time.perf_counter()
+        calibrate(model, images, config)
+        calib_seconds = time.perf_counter() - start
+    stats: dict = {}
+    start = time.perf_counter()
+    reconstruct(model, images, recon, stats=stats)
+    recon_seconds = time.perf_counter() - start
+    if args.save:
+        save_quantized(model, args.save)
+    result = evaluate(model, _loader(model, args.eval_limit), name=model.adalog_meta["model"])
+    row = result.to_json() | {
+        "config": config.to_dict(),
+        "reconstruct": recon.to_dict(),
+        "calib_seconds": calib_seconds,
+        "reconstruct_seconds": recon_seconds,
+        "blocks": stats,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "calib_source": args.calib_tensor or "calib32.txt",
+        "start": args.quantized or "calibration",
+    }
+    atomic_write_json(args.out, row)
+    print(
+        f"| {row['model']} | w{config.w_bits}a{config.a_bits} + {args.reconstruct} "
+        f"{_overrides(args.rset) or ''} | {result.top1:.4f} | {result.top5:.4f} "
+        f"| {recon_seconds / 60:.1f} min | {row['peak_rss_mb']:.0f} MB |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Block reconstruction after calibration (ALGORITHM.md §7, the README's "Retrain").
+
+Block by block (patch embedding, transformer blocks, Swin patch mergings, head), AdaRound learns
+each weight's rounding and Adam refines the activation scales through straight-through
+gradients, so that the quantized block reproduces the FP block's outputs. Weights end up on the
+quantization grid and the post-GELU shift is folded with the final weights (§4).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from adalog.errors import ConfigError, DataError
+from adalog.models.qmodules import QuantLinear, set_quant_mode
+from adalog.pipelines.calibrate import fold_post_gelu_shift
+from adalog.quant import LogQuantizer
+from adalog.recon.blocks import BlockTraining, prepare_block, reconstruction_blocks
+from adalog.recon.config import ReconstructConfig
+from adalog.recon.data import BlockData, augmented_views, capture_fp, capture_inputs
+
+_POSTFIX_EVERY = 25
+
+
+def reconstruct(
+    model: nn.Module,
+    images: Tensor,
+    config: ReconstructConfig | None = None,
+    progress: bool = True,
+    stats: dict[str, dict[str, float]] | None = None,
+) -> nn.Module:
+    """Reconstruct a calibrated model (from ``adalog.quantize`` or ``load_quantized``) in place.
+
+    ``images`` are the calibration images (never evaluation images); the training set is
+    ``config.data_size`` seeded views of them. ``stats``, when given, receives per block the
+    wall seconds and the reconstruction loss of the first and last iterations.
+    """
+    config = ReconstructConfig.fast() if config is None else config
+    stats = {} if stats is None else stats
+    if getattr(model, "adalog_meta", None) is None:
+        raise ConfigError("reconstruct needs a model calibrated by adalog (no adalog_meta)")
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise DataError(f"images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
+    torch.manual_seed(config.seed)
+    model.eval()
+    unfold_post_gelu_shift(model)  # the fold must use the final weights (§4, §10.22)
+    fp_model = copy.deepcopy(model)
+    set_quant_mode(fp_model, False)
+    fp_model.requires_grad_(False)
+    set_quant_mode(model, True)
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    device = next(model.parameters()).device
+    data = augmented_views(
+        images, config.data_size, config.crop_scale_min, config.hflip, config.seed
+    )
+    names = reconstruction_blocks(model)
+    gens = _Generators(config.seed, device)
+    bar = tqdm(total=len(names) * config.iterations, desc="reconstruct", disable=not progress)
+    try:
+        for name in names:
+            start = time.perf_counter()
+            block_data = _block_data(model, fp_model, name, data, config, gens)
+            losses = _train_block(model, name, block_data, config, gens, bar)
+            stats[name] = {"seconds": time.perf_counter() - start} | losses
+    finally:
+        bar.close()
+        for param, flag in grad_flags.items():
+            param.requires_grad_(flag)
+    fold_post_gelu_shift(model)
+    model.adalog_meta = model.adalog_meta | {"reconstruct": config.to_dict()}
+    return model.eval()
+
+
+class _Generators:
+    """Seeded random streams: batch order and Fisher labels (CPU), QDrop masks (device)."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.cpu = torch.Generator().manual_seed(seed + 1)
+        self.device = torch.Generator(device=device).manual_seed(seed + 2)
+
+
+def unfold_post_gelu_shift(model: nn.Module) -> None:
+    """Undo §4's fold (bias back, quantizer subtracts the shift again), using the same quantized
+    weight as the fold did, so the quantized model is unchanged and its raw mode is FP again."""
+    for module in model.modules():
+        quant = getattr(module, "input_quant", None)
+        if not isinstance(module, QuantLinear) or not isinstance(quant, LogQuantizer):
+            continue
+        if not bool(quant.shift_folded):
+            continue
+        with torch.no_grad():
+            module.bias.add_(float(quant.shift) * module.quantized_weight().sum(dim=1))
+        quant.set_shift_folded(False)
+
+
+def _is_head(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "head"
+
+
+def _block_data(
+    model: nn.Module,
+    fp_model: nn.Module,
+    name: str,
+    data: Tensor,
+    config: ReconstructConfig,
+    gens: _Generators,
+) -> BlockData:
+    """FP inputs/targets of the block; quantized-model inputs and Fisher weights if asked."""
+    fisher = (
+        _sampled_label_loss(gens.cpu) if config.loss == "fisher" and not _is_head(name) else None
+    )
+    fp_x, y, grad_sq = capture_fp(fp_model, name, data, config.batch_size, fisher)
+    weights = None if grad_sq is None else grad_sq / grad_sq.mean().clamp_min(1e-30)
+    if config.input_source == "fp":
+        return BlockData(fp_x, y, None, weights)
+    x = capture_inputs(model, name, data, config.batch_size)
+    return BlockData(x, y, fp_x if config.drop_prob > 0 else None, weights)
+
+
+def _sampled_label_loss(generator: torch.Generator) -> Callable[[Tensor], Tensor]:
+    """Cross-entropy against labels drawn from the FP model's own softmax: its squared
+    gradients estimate the diagonal of the (true) Fisher information without labels."""
+
+    def loss(logits: Tensor) -> Tensor:
+        probs = logits.detach().float().softmax(-1).cpu()
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
+
+    return loss
+
+
+def round_beta(step: int, config: ReconstructConfig) -> float | None:
+    """β of the rounding regulariser at 1-based ``step``, or None during the warm-up (§7.6:
+    off before 20 % of the iterations, then linear from ``beta_start`` to ``beta_end``)."""
+    start = int(config.warmup * config.iterations)
+    if step < max(start, 1):
+        return None
+    progress = (step - start) / max(1, config.iterations - start)
+    return config.beta_end + (config.beta_start - config.beta_end) * (1.0 - progress)
+
+
+def reconstruction_loss(
+    out: Tensor, target: Tensor, head: bool, rec_weight: float, weights: Tensor | None = None
+) -> Tensor:
+    """Head: ``KL(softmax(y) ‖ softmax(ŷ))`` per image; other blocks: ``rec_weight ·
+    mean Σ_dim1 w·(ŷ − y)²`` (sum over tokens, mean over the rest, §7.6)."""
+    if head:
+        return F.kl_div(out.log_softmax(-1), target.softmax(-1), reduction="batchmean")
+    err = (out - target).square()
+    if weights is not None:
+        err = err * weights
+    return rec_weight * err.sum(dim=1).mean()
+
+
+def _train_block(
+    model: nn.Module,
+    name: str,
+    data: BlockData,
+    config: ReconstructConfig,
+    gens: _Generators,
+    bar: tqdm,
+) -> dict[str, float]:
+    block = model.get_submodule(name)
+    state = prepare_block(
+        block, config.train_weights, config.train_act, config.drop_prob, gens.device
+    )
+    optimizers, scheduler = _optimizers(state, config)
+    head, first = _is_head(name), None
+    bar.set_description(f"reconstruct {name}")
+    try:
+        for step in range(1, config.iterations + 1):
+            x, y, w = _batch(data, config, gens)
+            rec = reconstruction_loss(block(x), y, head, config.rec_weight, w)
+            beta = round_beta(step, config)
+            reg = 0.0
+            if beta is not None and state.adarounds:
+                reg = config.round_reg * state.regularizer(beta)
+            loss = rec + reg
+            first = float(rec.detach()) if first is None else first
+            if optimizers:
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+                if scheduler is not None:
+                    scheduler.step()
+                state.clamp_scales()
+            bar.update()
+            if step % _POSTFIX_EVERY == 0 or step == config.iterations:
+                bar.set_postfix(
+                    it=step, loss=f"{float(loss.detach()):.4g}", rec=f"{float(rec.detach()):.4g}"
+                )
+    finally:
+        state.finish()
+    return {"rec_first": first, "rec_last": float(rec.detach())}
+
+
+def _optimizers(state: BlockTraining, config: ReconstructConfig):
+    """Adam on the AdaRound logits (constant lr) and on the activation scales (cosine to 0)."""
+    optimizers, scheduler = [], None
+    if state.alphas:
+        optimizers.append(torch.optim.Adam(state.alphas, lr=config.weight_lr))
+    if state.scales:
+        act = torch.optim.Adam(state.scales, lr=config.act_lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(act, T_max=config.iterations)
+        optimizers.append(act)
+    return optimizers, scheduler
+
+
+def _batch(
+    data: BlockData, config: ReconstructConfig, gens: _Generators
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A fresh random subset (§7.5); under QDrop with quantized inputs each element of the
+    block input is the FP one with probability ``drop_prob``."""
+    idx = torch.randperm(len(data), generator=gens.cpu)[: config.batch_size]
+    idx = idx.to(data.inputs.device)
+    x = data.inputs[idx]
+    if data.fp_inputs is not None:
+        rand = torch.rand(x.shape, generator=gens.device, device=x.device, dtype=x.dtype)
+        keep_fp = (rand < config.drop_prob).to(x.dtype)
+        x = x.lerp_(data.fp_inputs[idx], keep_fp)
+    w = None if data.weights is None else data.weights[idx]
+    return x, data.targets[idx], w

@@ -1,0 +1,128 @@
+"""Reconstruction units (§7.1) and the per-block training state: AdaRound stand-ins for the
+weight quantizers, training-mode stand-ins for the activation quantizers, trainable scales."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule
+from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
+from adalog.recon.adaround import AdaRoundQuantizer
+from adalog.recon.ste import TrainingQuantizer
+
+_BLOCK_TYPES = (PatchEmbed, Block, SwinTransformerBlock, PatchMerging)
+
+
+def reconstruction_blocks(model: nn.Module) -> list[str]:
+    """Names of the units reconstructed one at a time, in ``named_modules`` order: the patch
+    embedding, every ViT/Swin block, every Swin patch merging and the module named ``head``;
+    units without a quantized module are skipped."""
+    names = []
+    for name, module in model.named_modules():
+        is_unit = isinstance(module, _BLOCK_TYPES) or name.rsplit(".", 1)[-1] == "head"
+        if is_unit and any(isinstance(m, QuantModule) for m in module.modules()):
+            names.append(name)
+    return names
+
+
+_QUANT_SLOTS = {
+    QuantLinear: ("input_quant",),
+    QuantConv2d: ("input_quant",),
+    QuantMatMul: ("a_quant", "b_quant"),
+}
+
+
+def activation_slots(block: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, attribute)`` of every input/operand quantizer of the block's quantized
+    modules (not the weights'), skipping absent and identity quantizers."""
+    slots = []
+    for module in block.modules():
+        for attr in _QUANT_SLOTS.get(type(module), ()):
+            quant = getattr(module, attr)
+            if quant is not None and not getattr(quant, "is_identity", False):
+                slots.append((module, attr))
+    return slots
+
+
+def trainable_scales(quant: nn.Module) -> list[Tensor]:
+    """The scale buffers §7.4 trains: uniform and log scales (AdaLog, post-Softmax included)
+    and the twin quantizer's positive scale; zero points, q, the shift and the twin negative
+    scale (tied to the GELU minimum) stay fixed."""
+    if isinstance(quant, (UniformQuantizer, LogQuantizer)):
+        return [quant.scale]
+    if isinstance(quant, TwinUniformQuantizer):
+        return [quant.s_pos]
+    return []
+
+
+@dataclass
+class BlockTraining:
+    """Everything attached to one block while it is reconstructed; :meth:`finish` undoes it
+    and leaves the block in plain quant mode with on-grid weights."""
+
+    adarounds: list[tuple[QuantModule, UniformQuantizer, AdaRoundQuantizer]]
+    slots: list[tuple[nn.Module, str, nn.Module]]
+    scales: list[Tensor]
+
+    @property
+    def alphas(self) -> list[Tensor]:
+        return [ada.alpha for _, _, ada in self.adarounds]
+
+    def regularizer(self, beta: float) -> Tensor:
+        return sum(ada.regularizer(beta) for _, _, ada in self.adarounds)
+
+    def clamp_scales(self, eps: float = 1e-8) -> None:
+        with torch.no_grad():
+            for scale in self.scales:
+                scale.clamp_(min=eps)
+
+    def finish(self) -> None:
+        """Hard rounding, weights written on the grid, original quantizers back, eval mode."""
+        with torch.no_grad():
+            for module, original, ada in self.adarounds:
+                ada.soft = False
+                module.weight.copy_(ada(module.weight))
+                module.weight_quant = original
+        for module, attr, quant in self.slots:
+            setattr(module, attr, quant)
+            quant.eval()
+        for scale in self.scales:
+            scale.requires_grad_(False)
+            scale.grad = None
+
+
+def prepare_block(
+    block: nn.Module,
+    train_weights: bool,
+    train_act: bool,
+    drop_prob: float,
+    generator: torch.Generator | None,
+) -> BlockTraining:
+    """Attach AdaRound (soft) to every weight quantizer and a training-mode stand-in (fused
+    STE, AdaLog exact power, optional QDrop) to every activation quantizer; mark the scales
+    trainable when ``train_act``."""
+    adarounds = []
+    if train_weights:
+        for module in block.modules():
+            if isinstance(module, (QuantLinear, QuantConv2d)):
+                original = module.weight_quant
+                if original.is_identity:
+                    continue
+                module.weight_quant = AdaRoundQuantizer(original, module.weight)
+                adarounds.append((module, original, module.weight_quant))
+    slots, scales = [], []
+    for module, attr in activation_slots(block):
+        quant = getattr(module, attr)
+        setattr(module, attr, TrainingQuantizer(quant, drop_prob, generator))
+        slots.append((module, attr, quant))
+        if train_act:
+            scales += trainable_scales(quant)
+    for scale in scales:
+        scale.requires_grad_(True)
+    return BlockTraining(adarounds, slots, scales)

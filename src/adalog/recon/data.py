@@ -1,0 +1,137 @@
+"""Reconstruction data: seeded views of the calibration images and per-block captured tensors.
+
+The reference reconstructs on 1024 further training images (§7.2); here only the calibration
+images are available, so the set is built from them: every image once as given, then random
+resized crops (area ``[crop_scale_min, 1]``, aspect ``[3/4, 4/3]``) with optional horizontal
+flips, cycling through the images, all drawn from one seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adalog.errors import DataError
+
+
+def augmented_views(
+    images: Tensor, size: int, crop_scale_min: float, hflip: bool, seed: int
+) -> Tensor:
+    """``size`` images of the shape of ``images``: the originals first, then seeded crops."""
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise DataError(f"images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
+    n = images.shape[0]
+    if size <= n:
+        return images[:size].clone()
+    g = torch.Generator().manual_seed(seed)
+    views = [images] + [
+        _random_view(images[i % n], crop_scale_min, hflip, g) for i in range(n, size)
+    ]
+    return torch.cat([v if v.dim() == 4 else v[None] for v in views])
+
+
+def _random_view(image: Tensor, crop_scale_min: float, hflip: bool, g: torch.Generator) -> Tensor:
+    _, height, width = image.shape
+    area = height * width * _uniform(g, crop_scale_min, 1.0)
+    ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
+    w = min(width, max(1, round(math.sqrt(area * ratio))))
+    h = min(height, max(1, round(math.sqrt(area / ratio))))
+    top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+    left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+    crop = image[None, :, top : top + h, left : left + w]
+    view = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[0]
+    if hflip and _uniform(g, 0.0, 1.0) < 0.5:
+        view = view.flip(-1)
+    return view
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+@dataclass
+class BlockData:
+    """What one block is trained on: ``inputs`` fed to the quantized block, FP ``targets``,
+    the FP inputs (kept only to mix them in under QDrop) and optional Fisher ``weights``."""
+
+    inputs: Tensor
+    targets: Tensor
+    fp_inputs: Tensor | None = None
+    weights: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+class _Stop(Exception):
+    """Raised by a capture hook once the tensors of interest are recorded."""
+
+
+def capture_fp(
+    fp_model: nn.Module,
+    block_name: str,
+    data: Tensor,
+    batch_size: int,
+    fisher: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """FP inputs and outputs of ``block_name``; with ``fisher`` (logits → scalar loss), also the
+    squared gradients of that loss with respect to the block outputs."""
+    block = fp_model.get_submodule(block_name)
+    device = next(fp_model.parameters()).device
+    xs, ys, grads = [], [], []
+    leaf: list[Tensor] = []
+
+    def hook(module, inputs, output):
+        xs.append(inputs[0].detach())
+        ys.append(output.detach())
+        if fisher is None:
+            raise _Stop
+        leaf.append(output.detach().requires_grad_(True))
+        return leaf[-1]
+
+    handle = block.register_forward_hook(hook)
+    try:
+        for start in range(0, data.shape[0], batch_size):
+            batch = data[start : start + batch_size].to(device)
+            if fisher is None:
+                with torch.no_grad():
+                    _run_until_stop(fp_model, batch)
+                continue
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(fisher(fp_model(batch)), leaf.pop())
+            grads.append(grad.square())
+    finally:
+        handle.remove()
+    return torch.cat(xs), torch.cat(ys), torch.cat(grads) if grads else None
+
+
+def capture_inputs(model: nn.Module, block_name: str, data: Tensor, batch_size: int) -> Tensor:
+    """Inputs of ``block_name`` when ``model`` runs as it is (e.g. in quant mode)."""
+    block = model.get_submodule(block_name)
+    device = next(model.parameters()).device
+    xs = []
+
+    def pre_hook(module, inputs):
+        xs.append(inputs[0].detach())
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(pre_hook)
+    try:
+        with torch.no_grad():
+            for start in range(0, data.shape[0], batch_size):
+                _run_until_stop(model, data[start : start + batch_size].to(device))
+    finally:
+        handle.remove()
+    return torch.cat(xs)
+
+
+def _run_until_stop(model: nn.Module, batch: Tensor) -> None:
+    try:
+        model(batch)
+    except _Stop:
+        pass

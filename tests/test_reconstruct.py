@@ -1,0 +1,406 @@
+"""Block reconstruction (§7): AdaRound, fused STE quantizers, data, schedule, pipeline, CLI."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import adalog
+import adalog.cli
+from adalog.config import AdaLogConfig
+from adalog.errors import ConfigError
+from adalog.models.qmodules import QuantConv2d, QuantLinear
+from adalog.pipelines.reconstruct import round_beta, unfold_post_gelu_shift
+from adalog.quant import GELU_SHIFT, LogQuantizer, UniformQuantizer
+from adalog.recon import AdaRoundQuantizer, ReconstructConfig
+from adalog.recon.adaround import rectified_sigmoid, round_regularizer
+from adalog.recon.blocks import reconstruction_blocks
+from adalog.recon.data import augmented_views
+from adalog.recon.ste import TrainingQuantizer
+
+CALIB = AdaLogConfig.w4a4(eq_n=32, search_rounds=1, fpcs_steps=2)
+TINY = ReconstructConfig.reference(iterations=40, data_size=16, batch_size=8, weight_lr=1e-2)
+VIT_KW = {"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2}
+SWIN_KW = {"img_size": 64, "window_size": 4, "depths": (1, 1), "num_heads": (1, 2), "embed_dim": 24}
+
+
+def _images(n: int = 8, size: int = 32, seed: int = 1) -> torch.Tensor:
+    """Smooth random images (upsampled 4x4 noise plus a little pixel noise), so that the
+    reconstruction's crops look like the images themselves."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, 4, 4, generator=g)
+    smooth = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return smooth + 0.1 * torch.randn(n, 3, size, size, generator=g)
+
+
+def _fp_model(name: str = "vit_tiny_patch16_224", kwargs: dict | None = None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **(kwargs or VIT_KW)).eval()
+
+
+def _calibrated(name: str = "vit_tiny_patch16_224", kwargs: dict | None = None):
+    model, size = _fp_model(name, kwargs), (kwargs or VIT_KW)["img_size"]
+    images = _images(size=size)
+    adalog.quantize(model, images, CALIB, progress=False, model_kwargs=kwargs or VIT_KW)
+    return model, images
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """A calibrated tiny ViT, its calibration images and its FP original (never modified)."""
+    fp = _fp_model()
+    model, images = _calibrated()
+    return model, images, fp
+
+
+@pytest.fixture(scope="module")
+def reconstructed(calibrated):
+    model, images, _ = calibrated
+    stats = {}
+    out = adalog.reconstruct(copy.deepcopy(model), images, TINY, progress=False, stats=stats)
+    return out, stats
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- AdaRound ---------------------------------------------------------------------------------
+
+
+def _weight_quantizer(weight: torch.Tensor, bits: int = 4) -> UniformQuantizer:
+    quant = UniformQuantizer(bits, (weight.shape[0], 1))
+    scale = (weight.amax(1, keepdim=True) - weight.amin(1, keepdim=True)) / (2**bits - 1) * 0.8
+    quant.set_params(scale, torch.full_like(scale, 2 ** (bits - 1)))
+    return quant
+
+
+def test_adaround_init_reproduces_fractional_parts_and_nearest_rounding():
+    weight = torch.randn(16, 24, generator=torch.Generator().manual_seed(0))
+    base = _weight_quantizer(weight)
+    ada = AdaRoundQuantizer(base, weight)
+    ratio = weight / base.scale
+    h = rectified_sigmoid(ada.alpha)
+    assert torch.allclose(h, ratio - ratio.floor(), atol=1e-5)  # h(α) = frac(w/s)
+    lo = (0 - base.zero_point) * base.scale
+    hi = (2**4 - 1 - base.zero_point) * base.scale
+    soft = ada(weight)
+    assert torch.allclose(soft, torch.maximum(torch.minimum(weight, hi), lo), atol=1e-5)
+    ada.soft = False
+    assert torch.equal(ada(weight), base(weight))  # hard rounding at init = nearest
+    assert not torch.equal(soft, base(weight))
+
+
+def test_round_regularizer_values():
+    h = torch.tensor([0.0, 1.0, 0.5, 0.25])
+    assert round_regularizer(h[:2], 20.0).item() == 0.0
+    assert round_regularizer(h[2:3], 2.0).item() == 1.0
+    assert round_regularizer(h[3:], 2.0).item() == pytest.approx(0.75)
+    assert rectified_sigmoid(torch.tensor([-20.0, 20.0])).tolist() == [0.0, 1.0]
+
+
+def test_regulariser_schedule_matches_reference():
+    ref = ReconstructConfig.reference()
+    assert round_beta(3999, ref) is None  # warm-up: iterations 1..3,999 (§12.7)
+    assert round_beta(4000, ref) == pytest.approx(20.0)
+    assert round_beta(12000, ref) == pytest.approx(11.0)
+    assert round_beta(20000, ref) == pytest.approx(2.0)
+
+
+# --- fused straight-through quantizers --------------------------------------------------------
+
+
+def _uniform_per_head() -> UniformQuantizer:
+    quant = UniformQuantizer(4, (1, 3, 1, 1))
+    quant.set_params(
+        torch.tensor([0.1, 0.2, 0.05]).view(1, 3, 1, 1), torch.tensor([7.0, 8, 9]).view(1, 3, 1, 1)
+    )
+    return quant
+
+
+def _log(kind: str, shift: float, bits: int, scale: float, q: int | None = None) -> LogQuantizer:
+    quant = LogQuantizer(bits, kind, shift=shift)
+    quant.set_params(scale=scale, q=q)
+    return quant
+
+
+@pytest.mark.parametrize(
+    ("quant", "x"),
+    [
+        (_uniform_per_head(), torch.randn(4, 3, 5, 6)),
+        (
+            _log("adalog", GELU_SHIFT, 4, 1.5, 25),
+            torch.nn.functional.gelu(torch.randn(4, 50, 8) * 2),
+        ),
+        (_log("adalog", 0.0, 3, 0.7, 18), torch.softmax(torch.randn(2, 3, 10, 10) * 3, -1)),
+        (_log("log2", GELU_SHIFT, 4, 1.2), torch.nn.functional.gelu(torch.randn(4, 50, 8) * 2)),
+        (_log("logsqrt2", 0.0, 4, 0.9), torch.softmax(torch.randn(2, 3, 10, 10) * 3, -1)),
+    ],
+)
+def test_fused_ste_equals_composed_training_mode(quant, x):
+    grad_out = torch.randn_like(x)
+    results = []
+    for fused in (False, True):
+        quant.scale.requires_grad_(True)
+        xi = x.clone().requires_grad_(True)
+        y = TrainingQuantizer(quant)(xi) if fused else quant.train()(xi)
+        (y * grad_out).sum().backward()
+        results.append((y.detach(), xi.grad, quant.scale.grad.clone()))
+        quant.scale.grad = None
+        quant.eval()
+    quant.scale.requires_grad_(False)
+    (y0, gx0, gs0), (y1, gx1, gs1) = results
+    assert torch.equal(y0, y1)
+    assert torch.allclose(gx0, gx1, atol=1e-5)
+    assert torch.allclose(gs0, gs1, rtol=1e-4, atol=1e-4)
+    assert gs0.abs().sum() > 0
+
+
+def test_qdrop_keeps_a_fraction_of_elements_unquantized():
+    quant = _uniform_per_head()
+    x = torch.randn(8, 3, 20, 20)
+    y = TrainingQuantizer(quant, 0.5, torch.Generator().manual_seed(0))(x)
+    kept = (y == x).float().mean().item()
+    quantized = (y == quant(x)).float().mean().item()
+    assert 0.45 < kept < 0.55 and kept + quantized >= 1.0
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_augmented_views_are_seeded_crops_of_the_given_images():
+    images = _images(4, 32)
+    views = augmented_views(images, 12, 0.25, True, seed=3)
+    assert views.shape == (12, 3, 32, 32)
+    assert torch.equal(views[:4], images)
+    assert torch.equal(views, augmented_views(images, 12, 0.25, True, seed=3))
+    assert not torch.equal(views, augmented_views(images, 12, 0.25, True, seed=4))
+    assert not any(torch.equal(views[i], images[i % 4]) for i in range(4, 12))
+    assert torch.equal(augmented_views(images, 3, 0.25, True, seed=3), images[:3])
+
+
+# --- pipeline ---------------------------------------------------------------------------------
+
+
+def test_reconstruction_units():
+    vit, _ = _calibrated()
+    assert reconstruction_blocks(vit) == ["patch_embed", "blocks.0", "blocks.1", "head"]
+    swin = _fp_model("swin_tiny_patch4_window7_224", SWIN_KW)
+    adalog.quantize(swin, _images(2, 64), CALIB, progress=False)
+    assert reconstruction_blocks(swin) == [
+        "patch_embed",
+        "layers.0.blocks.0",
+        "layers.1.downsample",
+        "layers.1.blocks.0",
+        "head",
+    ]
+    with torch.no_grad():
+        before = swin(_images(2, 64, seed=5))
+    adalog.reconstruct(swin, _images(2, 64), TINY.with_overrides(iterations=3), progress=False)
+    with torch.no_grad():
+        after = swin(_images(2, 64, seed=5))
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def test_weights_end_on_grid_and_model_is_restored(reconstructed, calibrated):
+    model, stats = reconstructed
+    assert list(stats) == ["patch_embed", "blocks.0", "blocks.1", "head"]
+    n_layers = 0
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            quant = module.weight_quant
+            assert isinstance(quant, UniformQuantizer)
+            assert torch.equal(module.quantized_weight(), module.weight)  # stored on the grid
+            codes = module.weight / quant.scale + quant.zero_point
+            assert (codes - codes.round()).abs().max() < 1e-3
+            assert codes.round().min() >= 0 and codes.round().max() <= 2**quant.n_bits - 1
+            n_layers += 1
+    assert n_layers == 1 + 2 * 4 + 1
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, (AdaRoundQuantizer, TrainingQuantizer)) for m in model.modules())
+    assert not any(b.requires_grad for b in model.buffers())
+    assert model.adalog_meta["reconstruct"] == TINY.to_dict()
+    calib = calibrated[0]
+    for path in ("blocks.0.attn.qkv", "blocks.0.attn.proj", "head"):
+        new, old = model.get_submodule(path), calib.get_submodule(path)
+        assert not torch.equal(new.weight, old.quantized_weight())  # rounding was learned
+        assert not torch.equal(new.input_quant.scale, old.input_quant.scale)  # scale trained
+        assert torch.equal(new.input_quant.zero_point, old.input_quant.zero_point)  # frozen
+
+
+def test_post_gelu_fold_is_exact_after_reconstruction(reconstructed):
+    model = copy.deepcopy(reconstructed[0])
+    fc2 = model.blocks[0].mlp.fc2
+    assert isinstance(fc2.input_quant, LogQuantizer) and bool(fc2.input_quant.shift_folded)
+    images = _images(4, seed=9)
+    with torch.no_grad():
+        folded = model(images)
+        unfold_post_gelu_shift(model)
+        unfolded = model(images)
+    assert not bool(fc2.input_quant.shift_folded)
+    assert ((folded - unfolded).norm() / folded.norm()).item() < 1e-5
+
+
+def _block_errors(qmodel: torch.nn.Module, fp: torch.nn.Module, images: torch.Tensor) -> dict:
+    """Per unit: MSE of the quantized unit against the FP unit, both fed the FP input; for
+    the head, the KL divergence of the whole model's predictions from the FP ones."""
+    errors, record = {}, {}
+    for name in reconstruction_blocks(qmodel):
+        handle = fp.get_submodule(name).register_forward_hook(
+            lambda m, i, o: record.update(x=i[0], y=o)
+        )
+        with torch.no_grad():
+            fp(images)
+            handle.remove()
+            errors[name] = (qmodel.get_submodule(name)(record["x"]) - record["y"]).square().mean()
+    with torch.no_grad():
+        log_q, p_fp = qmodel(images).log_softmax(-1), fp(images).softmax(-1)
+    errors["head"] = F.kl_div(log_q, p_fp, reduction="batchmean")
+    return errors
+
+
+def test_reconstruction_lowers_block_output_error(calibrated):
+    model, images, fp = calibrated
+    config = TINY.with_overrides(iterations=300, data_size=32, weight_lr=1e-2, act_lr=1e-4)
+    recon = adalog.reconstruct(copy.deepcopy(model), images, config, progress=False)
+    views = augmented_views(images, 32, config.crop_scale_min, config.hflip, config.seed)
+    before, after = _block_errors(model, fp, views), _block_errors(recon, fp, views)
+    ratios = {name: (after[name] / before[name]).item() for name in before}
+    assert ratios["patch_embed"] < 0.6 and ratios["head"] < 0.9, ratios  # training data
+    assert ratios["blocks.0"] < 0.9 and ratios["blocks.1"] < 0.9, ratios
+    held_out = _images(8, seed=7)
+    before, after = _block_errors(model, fp, held_out), _block_errors(recon, fp, held_out)
+    assert all(after[name] < before[name] for name in before), (before, after)
+
+
+def test_save_load_round_trip_gives_identical_logits(reconstructed, tmp_path: Path):
+    model = reconstructed[0]
+    images = _images(4, seed=11)
+    with torch.no_grad():
+        before = model(images)
+    adalog.save_quantized(model, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "adalog.json").read_text())
+    assert ReconstructConfig.from_dict(meta["reconstruct"]) == TINY
+    loaded = adalog.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(images), before)
+
+
+def test_loaded_checkpoint_reconstructs_like_the_in_memory_model(
+    calibrated, reconstructed, tmp_path: Path
+):
+    """A loaded (already folded) checkpoint is unfolded with its own weights first (§10.22)."""
+    model, images, _ = calibrated
+    adalog.save_quantized(model, tmp_path / "calib")
+    loaded = adalog.reconstruct(adalog.load_quantized(tmp_path / "calib"), images, TINY, False)
+    reference, state = _state(reconstructed[0]), _state(loaded)
+    assert all(torch.equal(reference[k], state[k]) for k in reference)
+
+
+def test_same_seed_is_deterministic_and_seed_matters(calibrated, reconstructed):
+    model, images, _ = calibrated
+    reference = _state(reconstructed[0])
+    again = _state(adalog.reconstruct(copy.deepcopy(model), images, TINY, progress=False))
+    assert all(torch.equal(reference[k], again[k]) for k in reference)
+    other = adalog.reconstruct(
+        copy.deepcopy(model), images, TINY.with_overrides(seed=6), progress=False
+    )
+    assert not all(torch.equal(reference[k], v) for k, v in _state(other).items())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"input_source": "quantized"}, {"drop_prob": 0.5}, {"loss": "fisher"}, {"hflip": False}],
+)
+def test_option_switches_change_the_result(calibrated, reconstructed, overrides):
+    model, images, _ = calibrated
+    reference = _state(reconstructed[0])
+    config = TINY.with_overrides(**overrides)
+    variant = _state(adalog.reconstruct(copy.deepcopy(model), images, config, progress=False))
+    assert not all(torch.equal(reference[k], variant[k]) for k in reference)
+
+
+def test_frozen_parts_stay_frozen(calibrated):
+    model, images, _ = calibrated
+    config = TINY.with_overrides(train_act=False, iterations=10)
+    no_act = adalog.reconstruct(copy.deepcopy(model), images, config, progress=False)
+    calib, recon = _state(model), _state(no_act)
+    for key in calib:
+        if key.endswith(("input_quant.scale", "a_quant.scale", "b_quant.scale")):
+            assert torch.equal(calib[key], recon[key]), key
+        if key.endswith((".q", "zero_point", "shift", "norm1.weight", "norm2.bias")):
+            assert torch.equal(calib[key], recon[key]), key
+    config = TINY.with_overrides(train_weights=False, iterations=10)
+    no_weights = adalog.reconstruct(copy.deepcopy(model), images, config, progress=False)
+    assert torch.equal(no_weights.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_reconstruct_refuses_uncalibrated_models():
+    with pytest.raises(ConfigError, match="calibrated"):
+        adalog.reconstruct(_fp_model(), _images(), TINY, progress=False)
+
+
+# --- config and CLI ---------------------------------------------------------------------------
+
+
+def test_config_presets_round_trip_and_validation(tmp_path: Path):
+    ref = ReconstructConfig.reference()
+    assert (ref.iterations, ref.batch_size, ref.data_size) == (20000, 32, 1024)
+    assert (ref.weight_lr, ref.act_lr, ref.round_reg) == (1e-3, 4e-5, 0.01)
+    assert (ref.beta_start, ref.beta_end, ref.warmup, ref.rec_weight) == (20.0, 2.0, 0.2, 0.1)
+    assert (ref.input_source, ref.drop_prob, ref.loss) == ("fp", 0.0, "mse")
+    fast = ReconstructConfig.preset("fast")
+    assert fast.iterations < ref.iterations and fast.data_size < ref.data_size
+    for suffix in (".json", ".yaml"):
+        fast.save(tmp_path / f"r{suffix}")
+        assert ReconstructConfig.resolve(str(tmp_path / f"r{suffix}")) == fast
+    assert ReconstructConfig.from_dict(fast.to_dict()) == fast
+    with pytest.raises(ConfigError, match="input_source"):
+        ReconstructConfig(input_source="int8")
+    with pytest.raises(ConfigError, match="drop_prob"):
+        ReconstructConfig(drop_prob=1.0)
+    with pytest.raises(ConfigError, match="unknown reconstruction keys"):
+        ReconstructConfig.from_dict({"iters": 3})
+    with pytest.raises(ConfigError, match="unknown reconstruction preset"):
+        ReconstructConfig.preset("slow")
+
+
+def test_cli_flag_defaults_to_fast():
+    parser = adalog.cli.build_parser()
+    base = ["quantize", "--model", "m", "--calib-data", "d", "--out", "o"]
+    assert parser.parse_args(base).reconstruct is None
+    assert parser.parse_args([*base, "--reconstruct"]).reconstruct == "fast"
+    assert parser.parse_args([*base, "--reconstruct", "reference"]).reconstruct == "reference"
+
+
+def test_cli_quantize_with_reconstruction(tmp_path: Path, tiny_folder: Path, monkeypatch):
+    """The whole CLI path; the model factory is swapped for a one-block DeiT to keep it fast."""
+    import adalog.models
+    import adalog.pipelines.checkpoint as checkpoint
+
+    def one_block_deit(name: str, weights=None, pretrained: bool = True, **kwargs):
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, depth=1, embed_dim=32, num_heads=2)
+
+    monkeypatch.setattr(adalog.models, "create_model", one_block_deit)
+    monkeypatch.setattr(checkpoint, "create_model", one_block_deit)
+    calib = tmp_path / "calib.json"
+    CALIB.with_overrides(calib_size=2).save(calib)
+    recon = tmp_path / "recon.json"
+    TINY.with_overrides(iterations=2, data_size=4, batch_size=2).save(recon)
+    qdir = tmp_path / "q"
+    argv = ["quantize", "--model", "deit_tiny_patch16_224", "--calib-data", str(tiny_folder)]
+    argv += ["--config", str(calib), "--seed", "3", "--reconstruct", str(recon)]
+    assert adalog.cli.main([*argv, "--out", str(qdir)]) == 0
+    meta = json.loads((qdir / "adalog.json").read_text())
+    assert (
+        meta["reconstruct"]
+        == TINY.with_overrides(iterations=2, data_size=4, batch_size=2, seed=3).to_dict()
+    )
+    loaded = adalog.load_quantized(qdir)
+    qkv = loaded.blocks[0].attn.qkv
+    assert torch.equal(qkv.quantized_weight(), qkv.weight)
