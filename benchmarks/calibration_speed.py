@@ -7,6 +7,9 @@ which costs the same as real images.
 
 Example (the issue's benchmark):
     python benchmarks/calibration_speed.py --out benchmarks/logs/calibration_speed.json
+
+``--blocks N`` keeps only the first N transformer blocks of ViT/DeiT models (then the head): a
+quick per-module breakdown, e.g. ``--models vit_tiny_patch16_224 --blocks 1``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,15 @@ def _calibration_images(name: str, n_images: int) -> tuple[torch.Tensor, str]:
     return torch.randn(n_images, 3, size, size, generator=gen), "seeded random images"
 
 
-def _run_one(name: str, config_dict: dict, n_images: int, queue) -> None:
+def _truncate(model: torch.nn.Module, n_blocks: int | None) -> None:
+    if n_blocks is None:
+        return
+    if not hasattr(model, "blocks"):
+        raise SystemExit(f"--blocks needs a ViT/DeiT model with .blocks, not {type(model)}")
+    model.blocks = model.blocks[:n_blocks]
+
+
+def _run_one(name: str, config_dict: dict, n_images: int, n_blocks: int | None, queue) -> None:
     config = AdaLogConfig.from_dict(config_dict)
     weights = SHARED_WEIGHTS.get(name)
     if weights is not None and weights.exists():
@@ -58,6 +69,7 @@ def _run_one(name: str, config_dict: dict, n_images: int, queue) -> None:
     else:
         torch.manual_seed(0)
         model, source = create_model(name, pretrained=False), "random init"
+    _truncate(model, n_blocks)
     images, image_source = _calibration_images(name, n_images)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -68,7 +80,7 @@ def _run_one(name: str, config_dict: dict, n_images: int, queue) -> None:
         by_kind[module_kind(module)] += seconds
     queue.put(
         {
-            "model": name,
+            "model": name if n_blocks is None else f"{name} (first {n_blocks} blocks)",
             "weights": source,
             "images": f"{images.shape[0]} {image_source}",
             "calib_seconds": total,
@@ -79,10 +91,11 @@ def _run_one(name: str, config_dict: dict, n_images: int, queue) -> None:
     )
 
 
-def run_isolated(name: str, config: AdaLogConfig, n_images: int) -> dict:
+def run_isolated(name: str, config: AdaLogConfig, n_images: int, n_blocks: int | None) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_run_one, args=(name, config.to_dict(), n_images, queue))
+    args = (name, config.to_dict(), n_images, n_blocks, queue)
+    proc = ctx.Process(target=_run_one, args=args)
     proc.start()
     result = queue.get()
     proc.join()
@@ -111,6 +124,7 @@ def main() -> None:
     parser.add_argument("--preset", default="w4a4")
     parser.add_argument("--engine", default="fast", choices=["fast", "naive"])
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--blocks", type=int, help="keep only the first N blocks (ViT/DeiT)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides key=JSON")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -118,7 +132,7 @@ def main() -> None:
     config = AdaLogConfig.preset(args.preset, search_engine=args.engine, **overrides)
     rows = []
     for name in args.models:
-        rows.append(run_isolated(name, config, args.images))
+        rows.append(run_isolated(name, config, args.images, args.blocks))
         payload = {
             "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
