@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--out", required=True)
     parser.add_argument("--save", help="also save the quantized model to this directory")
+    parser.add_argument(
+        "--resume", help="calibration progress folder: saved after every block, resumed on rerun"
+    )
     args = parser.parse_args()
 
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -53,8 +56,8 @@ def main() -> None:
     else:
         images = load_calibration_images(model, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
     start = time.perf_counter()
-    calibrate(model, images, config)
-    calib_seconds = time.perf_counter() - start
+    calibrate(model, images, config, resume_dir=args.resume)
+    calib_seconds = time.perf_counter() - start  # of this process only, when resumed
     if args.save:
         save_quantized(model, args.save)
     loader = build_eval_loader(model, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")

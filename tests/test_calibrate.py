@@ -9,6 +9,7 @@ import torch
 
 import adalog
 import adalog.cli
+import adalog.pipelines.calibrate as calibrate_module
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.models.qmodules import QuantLinear, set_quant_mode
@@ -93,6 +94,63 @@ def test_same_seed_gives_bit_identical_parameters():
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("vit_tiny_patch16_224", VIT_KW), ("swin_tiny_patch4_window7_224", SWIN_KW)],
+)
+def test_interrupted_calibration_resumes_to_the_same_parameters(
+    tmp_path: Path, monkeypatch, name, kwargs
+):
+    """A run stopped inside a block and rerun with the same resume folder ends bit-identical
+    to an uninterrupted run (Swin: the reduction's fold-created bias is restored too)."""
+    whole = _model(name, kwargs)
+    adalog.quantize(whole, _images(), SMALL, progress=False)
+    real, calls = calibrate_module._calibrate_target, []
+
+    def failing(model, target, *args):
+        if target.block == calls_limit[0]:
+            raise KeyboardInterrupt
+        calls.append(target.block)
+        return real(model, target, *args)
+
+    blocks = _block_names(name, kwargs)
+    calls_limit = [blocks[2]]  # stop inside the third block
+    monkeypatch.setattr(calibrate_module, "_calibrate_target", failing)
+    with pytest.raises(KeyboardInterrupt):
+        adalog.quantize(_model(name, kwargs), _images(), SMALL, progress=False, resume_dir=tmp_path)
+    saved = json.loads((tmp_path / "progress.json").read_text())["done_blocks"]
+    assert saved == blocks[:2]
+    calls.clear()
+    calls_limit[0] = None
+    resumed = adalog.quantize(
+        _model(name, kwargs), _images(), SMALL, progress=False, resume_dir=tmp_path
+    )
+    assert blocks[0] not in calls and blocks[1] not in calls and blocks[2] in calls
+    expected = whole.state_dict()
+    assert resumed.state_dict().keys() == expected.keys()
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    with pytest.raises(ConfigError, match="differs in: config"):
+        adalog.quantize(
+            _model(name, kwargs),
+            _images(),
+            SMALL.with_overrides(eq_n=16),
+            progress=False,
+            resume_dir=tmp_path,
+        )
+    with pytest.raises(ConfigError, match="images_sha256"):
+        adalog.quantize(
+            _model(name, kwargs), _images(seed=2), SMALL, progress=False, resume_dir=tmp_path
+        )
+
+
+def _block_names(name: str, kwargs: dict) -> list[str]:
+    from adalog.models.wrap import wrap_model
+
+    targets = wrap_model(_model(name, kwargs), SMALL)
+    return list(dict.fromkeys(t.block for t in targets))
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the calibration images: preset 'fast' (default when the flag is bare) or 'reference', "
         "or a JSON/YAML ReconstructConfig file; --seed also seeds it",
     )
+    qu.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="save progress here after every block; rerunning the same command continues there",
+    )
     qu.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     qu.set_defaults(func=_cmd_quantize)
 
@@ -221,7 +226,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     recon = _reconstruct_config(args)
     model = create_model(args.model, weights=args.weights)
     images = load_calibration_images(model, args.calib_data, args.calib_list, config)
-    calibrate(model, images, config)
+    calibrate(model, images, config, resume_dir=args.resume)
     if recon is not None:
         from adalog.pipelines.reconstruct import reconstruct
 

@@ -3,6 +3,8 @@ module's search (§5.7), fold post-LayerNorm scales (§3) and the post-GELU shif
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from adalog.data import LabeledImageFolder, calibration_transform, scan_image_fo
 from adalog.errors import DataError
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
 from adalog.models.wrap import Target, wrap_model
-from adalog.pipelines.checkpoint import quantization_meta
+from adalog.pipelines.checkpoint import load_progress, quantization_meta, save_progress
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
 from adalog.search.procedures import (
     SearchSettings,
@@ -103,12 +105,16 @@ def calibrate(
     progress: bool = True,
     model_kwargs: dict | None = None,
     timings: dict[str, float] | None = None,
+    resume_dir: str | Path | None = None,
 ) -> nn.Module:
     """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode.
 
     ``model_kwargs`` are the timm constructor arguments beyond the name, recorded so that a
     saved checkpoint can rebuild the same architecture. ``timings``, when given, receives the
     wall seconds of every module's search and of the FP capture passes (key ``"capture"``).
+    With ``resume_dir`` the state is saved there after every block, and a rerun with the same
+    model, config and images continues after the last saved block: every module is calibrated
+    on FP captures, so the result is the same as an uninterrupted run.
     """
     timings = {} if timings is None else timings
     if images.dim() != 4 or images.shape[0] == 0:
@@ -128,8 +134,19 @@ def calibrate(
         engine=config.search_engine,
     )
     blocks = list(dict.fromkeys(t.block for t in targets))
-    bar = tqdm(total=len(targets), desc="calibrate", unit="module", disable=not progress)
+    name = model.pretrained_cfg.get("architecture", type(model).__name__)
+    fingerprint = _fingerprint(name, config, model_kwargs, images)
+    done = load_progress(model, resume_dir, fingerprint) if resume_dir is not None else []
+    bar = tqdm(
+        total=len(targets),
+        initial=sum(t.block in done for t in targets),
+        desc="calibrate",
+        unit="module",
+        disable=not progress,
+    )
     for block in blocks:
+        if block in done:
+            continue
         members = [t for t in targets if t.block == block]
         start = time.perf_counter()
         records = _run_capture(model, images, config.calib_batch_size, members, members[-1].module)
@@ -140,12 +157,26 @@ def calibrate(
             _calibrate_target(model, target, records.pop(target.name), settings, config)
             timings[target.name] = time.perf_counter() - start
             bar.update()
+        if resume_dir is not None:
+            done.append(block)
+            save_progress(model, resume_dir, done, fingerprint)
     bar.close()
     set_quant_mode(model, True)
     fold_post_gelu_shift(model)
-    name = model.pretrained_cfg.get("architecture", type(model).__name__)
     model.adalog_meta = quantization_meta(name, config, model_kwargs)
     return model
+
+
+def _fingerprint(name: str, config: AdaLogConfig, model_kwargs, images: Tensor) -> dict:
+    """What must match for saved calibration progress to be resumed."""
+    digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    fingerprint = {
+        "model": name,
+        "model_kwargs": model_kwargs or {},
+        "config": config.to_dict(),
+        "images_sha256": digest,
+    }
+    return json.loads(json.dumps(fingerprint))  # as it reads back from progress.json
 
 
 def _calibrate_target(

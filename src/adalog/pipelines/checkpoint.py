@@ -17,10 +17,13 @@ from adalog.io import atomic_write, atomic_write_json
 from adalog.models import create_model, load_weights, read_state_dict
 from adalog.models.qmodules import QuantLinear, set_quant_mode
 from adalog.models.wrap import wrap_model
+from adalog.quant import UniformQuantizer
 
 FORMAT_VERSION = 1
 META_FILE = "adalog.json"
 WEIGHTS_FILE = "model.safetensors"
+PROGRESS_META = "progress.json"
+PROGRESS_WEIGHTS = "progress.safetensors"
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path) -> Path:
@@ -63,9 +66,7 @@ def load_quantized(qdir: str | Path, expected_model: str | None = None) -> nn.Mo
     wrap_model(model, config, calibrating=False)
     model.eval()
     state = read_state_dict(Path(qdir) / WEIGHTS_FILE)
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and module.bias is None and f"{name}.bias" in state:
-            module.ensure_bias()  # Swin reduction gained a bias in the LayerNorm fold (§10.15)
+    ensure_fold_biases(model, state)
     try:
         load_weights(model, state)
     except WeightsError as exc:
@@ -73,6 +74,59 @@ def load_quantized(qdir: str | Path, expected_model: str | None = None) -> nn.Mo
     model.adalog_meta = meta
     set_quant_mode(model, True)
     return model.eval()
+
+
+def ensure_fold_biases(model: nn.Module, state: dict) -> None:
+    """Give bias-free linears the bias a LayerNorm fold created (Swin reduction, §10.15), so a
+    saved state loads strictly."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and module.bias is None and f"{name}.bias" in state:
+            module.ensure_bias()
+
+
+def save_progress(
+    model: nn.Module, directory: str | Path, done_blocks: list[str], fingerprint: dict[str, Any]
+) -> None:
+    """Record a partly calibrated model: its state and the blocks already calibrated."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / PROGRESS_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    meta = {"format_version": FORMAT_VERSION, "done_blocks": done_blocks} | fingerprint
+    atomic_write_json(directory / PROGRESS_META, meta)
+
+
+def load_progress(
+    model: nn.Module, directory: str | Path, fingerprint: dict[str, Any]
+) -> list[str]:
+    """Restore the state saved by :func:`save_progress` and return the calibrated blocks
+    (none if ``directory`` holds no progress). Progress of another model, config or set of
+    calibration images is refused: resuming it would mix two calibrations."""
+    meta_path = Path(directory) / PROGRESS_META
+    if not meta_path.exists():
+        return []
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{meta_path}: unreadable calibration progress ({exc})") from exc
+    differing = [k for k in fingerprint if meta.get(k) != fingerprint[k]]
+    if meta.get("format_version") != FORMAT_VERSION or differing:
+        raise ConfigError(
+            f"{meta_path} records another calibration (differs in: "
+            f"{', '.join(differing) or 'format_version'}); use a fresh resume folder"
+        )
+    state = read_state_dict(Path(directory) / PROGRESS_WEIGHTS)
+    ensure_fold_biases(model, state)
+    for name, module in model.named_modules():
+        scale = state.get(f"{name}.scale")
+        if isinstance(module, UniformQuantizer) and scale is not None:
+            # folded post-LN inputs went from per-channel to per-tensor parameters (§3)
+            module.set_params(scale, state[f"{name}.zero_point"])
+    try:
+        load_weights(model, state)
+    except WeightsError as exc:
+        raise ConfigError(f"{directory}: progress does not match the model: {exc}") from exc
+    return list(meta["done_blocks"])
 
 
 def quantization_meta(
