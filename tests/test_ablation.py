@@ -9,10 +9,13 @@ import torch
 
 import adalog
 import adalog.cli
+import adalog.pipelines.calibrate as calibrate_module
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.pipelines import ablation
 from adalog.pipelines.ablation import Variant, run_ablation, select_variants
+from adalog.pipelines.calibrate import Reuse
+from adalog.pipelines.checkpoint import read_progress_state
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
 
 TINY = {"depth": 1, "img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2}
@@ -62,11 +65,17 @@ def test_variants_quantize_with_the_intended_quantizers_and_resume(tmp_path: Pat
     assert seen[3] == (LogQuantizer, "adalog", 4)
     first = json.loads((tmp_path / "variants" / "twin.json").read_text())
 
-    calls = []
+    calls = []  # True: a variant's calibration; False: the base's (resumed from base/)
     real = ablation.calibrate
-    monkeypatch.setattr(ablation, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("resume_dir") is None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ablation, "calibrate", counting)
     results = run_ablation(tmp_path, variants, BASE, _tiny, images, evaluate, inspect, False)
-    assert len(calls) == 1  # only the new variant ran
+    assert calls.count(True) == 1  # only the new variant ran
+    assert json.loads((tmp_path / "base" / "progress.json").read_text())["done_blocks"]
     assert seen[-1] == (UniformQuantizer, None, 3)
     assert [r["variant"] for r in results] == ["twin", "log2-raw", "softmax-uniform-s3"]
     assert json.loads((tmp_path / "variants" / "twin.json").read_text()) == first
@@ -112,3 +121,45 @@ def test_transplanted_log_quantizer_rounds_run_with_adalog(kind):
     assert torch.equal(w_tr, w_ada) and torch.equal(q_tr.scale, q_ada.scale)
     w_own, q_own = fc2_after(post_gelu=kind, log_scale_search="own")
     assert not (torch.equal(w_own, w_ada) and torch.equal(q_own.scale, q_ada.scale))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"post_gelu": "twin"},
+        {"post_gelu": "logsqrt2", "bias_reparam": False},
+        {"post_softmax": "log2", "s_bits": 3},
+    ],
+)
+def test_variant_from_reused_base_calibration_equals_a_full_run(
+    tmp_path: Path, monkeypatch, overrides
+):
+    """Only fc2 (matmul2) is searched again; everything else, folds included, comes from the
+    base calibration, and the result is bit-identical to calibrating the variant from scratch."""
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    config = BASE.with_overrides(**overrides)
+
+    def model():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, **(TINY | {"depth": 2}))
+
+    full = adalog.quantize(model(), images, config, progress=False)
+    adalog.quantize(model(), images, BASE, progress=False, resume_dir=tmp_path)
+    suffixes = ablation.searched_modules(overrides)
+    reuse = Reuse(read_progress_state(tmp_path), lambda name: name.endswith(suffixes))
+    searched: list[str] = []
+    real = calibrate_module._calibrate_target
+
+    def recording(model, target, *args):
+        searched.append(target.name)
+        return real(model, target, *args)
+
+    monkeypatch.setattr(calibrate_module, "_calibrate_target", recording)
+    part = adalog.quantize(model(), images, config, progress=False, reuse=reuse)
+    expected = full.state_dict()
+    assert part.state_dict().keys() == expected.keys()
+    for key, value in part.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert len(searched) == 2 and all(n.endswith(suffixes) for n in searched)
+    assert ablation.searched_modules({"fpcs": False}) is None
+    assert ablation.searched_modules({"post_gelu": "twin", "eq_n": 64}) is None

@@ -263,3 +263,22 @@ def test_config_round_trip_and_validation(tmp_path: Path):
         AdaLogConfig(post_gelu="cubic")
     with pytest.raises(ConfigError, match="unknown preset"):
         AdaLogConfig.preset("w5a5")
+
+
+def test_8bit_patch_embed_needs_the_conv_zero_point_cap():
+    """At w_bits=8 the reference's uncapped conv grid has 128 zero points, one scale each at
+    eq_n=128 (§10.10): refused with a hint; conv_zp_cap=True calibrates it on 16 zero points."""
+    config = AdaLogConfig.preset(
+        "w4a4", w_bits=8, a_bits=8, s_bits=8, search_rounds=1, fpcs_steps=2
+    ).with_overrides(eq_n=128)
+    kwargs = VIT_KW | {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    with pytest.raises(ValueError, match="conv_zp_cap=True"):
+        adalog.quantize(_model("vit_tiny_patch16_224", kwargs), _images(), config, progress=False)
+    model = adalog.quantize(
+        _model("vit_tiny_patch16_224", kwargs),
+        _images(),
+        config.with_overrides(conv_zp_cap=True),
+        progress=False,
+    )
+    zero_points = model.patch_embed.proj.weight_quant.zero_point
+    assert zero_points.min() >= 128 - 8 and zero_points.max() <= 128 + 7

@@ -41,6 +41,10 @@ class AdaLogConfig:
     fpcs: bool = True
     fpcs_steps: int = 6
     zp_cap: int = 16
+    # The reference applies zp_cap to linear weights and matmuls but not to the patch-embed conv
+    # (§10.10), whose 8-bit grid then has 128 zero points and, at eq_n=128, one scale each (a
+    # degenerate grid, refused). True caps the conv grid too (needed for w_bits=8 at eq_n=128).
+    conv_zp_cap: bool = False
     # 'fast' scores candidates with exact closed forms (same choices, much faster); 'naive'
     # recomputes the layer output per candidate like the reference (for checks and timing).
     search_engine: str = "fast"

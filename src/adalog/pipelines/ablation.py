@@ -4,6 +4,12 @@ A run directory holds one JSON file per finished variant (``variants/<name>.json
 atomically when the variant is done) and tables rebuilt from all finished variants after each
 one (``results.md``, ``results.csv``, ``results.json``). Rerunning the same command skips the
 finished variants, so an interruption loses at most the variant in progress.
+
+Every module is calibrated on FP captures (§6.2), so a variant that only changes the post-GELU
+quantizer (or the post-Softmax one) leaves every other module's search result unchanged. Such
+variants reuse a calibration of the base config (kept, resumable, under ``base/``) and search
+only fc2 (or matmul2) again: the same parameters as a full calibration, several times faster.
+Their ``calib_seconds`` counts only that work; ``searched`` says what was searched.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from torch import Tensor, nn
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.io import atomic_write_json, atomic_write_text
-from adalog.pipelines.calibrate import calibrate, load_calibration_images
+from adalog.pipelines.calibrate import Reuse, calibrate, load_calibration_images
+from adalog.pipelines.checkpoint import read_progress_state
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,23 @@ def select_variants(sets: list[str], only: list[str] | None = None) -> list[Vari
     return list(chosen.values())
 
 
+#: Config fields whose change only affects the quantizers of the modules named by the suffix.
+MODULE_LOCAL_FIELDS = {
+    "post_gelu": "fc2",
+    "bias_reparam": "fc2",
+    "log_scale_search": "fc2",
+    "post_softmax": "matmul2",
+    "s_bits": "matmul2",
+}
+
+
+def searched_modules(overrides: dict[str, Any]) -> tuple[str, ...] | None:
+    """Module-name suffixes a variant must search again, or None if it needs a full run."""
+    if not overrides or not set(overrides) <= set(MODULE_LOCAL_FIELDS):
+        return None
+    return tuple(sorted({MODULE_LOCAL_FIELDS[k] for k in overrides}))
+
+
 ModelFactory = Callable[[], nn.Module]
 Evaluator = Callable[[nn.Module], dict[str, Any]]
 Inspector = Callable[[nn.Module], dict[str, Any]]
@@ -124,14 +148,21 @@ def run_ablation(
     """
     out_dir = Path(out_dir)
     (out_dir / "variants").mkdir(parents=True, exist_ok=True)
+    base_state = None
     for variant in variants:
         path = _variant_path(out_dir, variant)
         if path.exists():
             continue
         config = base.with_overrides(**variant.overrides)
+        suffixes = searched_modules(variant.overrides)
+        reuse = None
+        if suffixes is not None:
+            if base_state is None:
+                base_state = _base_calibration(out_dir, base, make_model, images, progress)
+            reuse = Reuse(base_state, lambda name, s=suffixes: name.endswith(s))
         model = make_model()
         start = time.perf_counter()
-        calibrate(model, images, config, progress=progress)
+        calibrate(model, images, config, progress=progress, reuse=reuse)
         seconds = time.perf_counter() - start
         result = {
             "variant": variant.name,
@@ -139,6 +170,7 @@ def run_ablation(
             "overrides": variant.overrides,
             "config": config.to_dict(),
             "calib_seconds": seconds,
+            "searched": "all" if suffixes is None else ", ".join(f"*.{x}" for x in suffixes),
             **evaluate(model),
         }
         if inspect is not None:
@@ -146,6 +178,14 @@ def run_ablation(
         atomic_write_json(path, result)
         write_tables(out_dir, load_results(out_dir, variants))
     return load_results(out_dir, variants)
+
+
+def _base_calibration(
+    out_dir: Path, base: AdaLogConfig, make_model: ModelFactory, images: Tensor, progress: bool
+) -> dict[str, Tensor]:
+    """The base config's pre-fold calibrated state, calibrated once (resumably) per run."""
+    calibrate(make_model(), images, base, progress=progress, resume_dir=out_dir / "base")
+    return read_progress_state(out_dir / "base")
 
 
 def _variant_path(out_dir: Path, variant: Variant) -> Path:
@@ -172,6 +212,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
         "top1": round(result["top1"], 4),
         "top5": round(result["top5"], 4),
         "calib_seconds": round(result["calib_seconds"], 1),
+        "searched": result.get("searched", "all"),
     }
 
 

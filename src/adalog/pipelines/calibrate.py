@@ -7,8 +7,9 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,12 @@ from adalog.data import LabeledImageFolder, calibration_transform, scan_image_fo
 from adalog.errors import DataError
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
 from adalog.models.wrap import Target, wrap_model
-from adalog.pipelines.checkpoint import load_progress, quantization_meta, save_progress
+from adalog.pipelines.checkpoint import (
+    load_partial_state,
+    load_progress,
+    quantization_meta,
+    save_progress,
+)
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
 from adalog.search.procedures import (
     SearchSettings,
@@ -106,6 +112,7 @@ def calibrate(
     model_kwargs: dict | None = None,
     timings: dict[str, float] | None = None,
     resume_dir: str | Path | None = None,
+    reuse: Reuse | None = None,
 ) -> nn.Module:
     """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode.
 
@@ -114,7 +121,8 @@ def calibrate(
     wall seconds of every module's search and of the FP capture passes (key ``"capture"``).
     With ``resume_dir`` the state is saved there after every block, and a rerun with the same
     model, config and images continues after the last saved block: every module is calibrated
-    on FP captures, so the result is the same as an uninterrupted run.
+    on FP captures, so the result is the same as an uninterrupted run. With ``reuse`` only the
+    modules it names are searched; every other module takes its result from ``reuse.state``.
     """
     timings = {} if timings is None else timings
     if images.dim() != 4 or images.shape[0] == 0:
@@ -131,6 +139,7 @@ def calibrate(
         fpcs=config.fpcs,
         steps=config.fpcs_steps,
         zp_cap=config.zp_cap,
+        conv_zp_cap=config.conv_zp_cap,
         engine=config.search_engine,
     )
     blocks = list(dict.fromkeys(t.block for t in targets))
@@ -148,13 +157,21 @@ def calibrate(
         if block in done:
             continue
         members = [t for t in targets if t.block == block]
+        searched = [t for t in members if reuse is None or reuse.recompute(t.name)]
         start = time.perf_counter()
-        records = _run_capture(model, images, config.calib_batch_size, members, members[-1].module)
+        if searched:
+            records = _run_capture(
+                model, images, config.calib_batch_size, searched, searched[-1].module
+            )
         timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - start
         for target in members:
             bar.set_description(f"calibrate {target.name}")
             start = time.perf_counter()
-            _calibrate_target(model, target, records.pop(target.name), settings, config)
+            if target in searched:
+                _calibrate_target(model, target, records.pop(target.name), settings, config)
+            else:  # the capture above saw this block before any of its folds, as a full run does
+                prefixes = [target.name] + ([target.norm] if target.norm else [])
+                load_partial_state(model, reuse.state, prefixes)
             timings[target.name] = time.perf_counter() - start
             bar.update()
         if resume_dir is not None:
@@ -165,6 +182,17 @@ def calibrate(
     fold_post_gelu_shift(model)
     model.adalog_meta = quantization_meta(name, config, model_kwargs)
     return model
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """An earlier calibration of the same model on the same images (its pre-fold state, e.g.
+    ``read_progress_state`` of a ``resume_dir`` run), kept for every module that
+    ``recompute(name)`` rejects. Exact when a config change only touches the recomputed
+    modules' own quantizers, because every module is calibrated on FP captures (§6.2)."""
+
+    state: dict[str, Tensor]
+    recompute: Callable[[str], bool]
 
 
 def _fingerprint(name: str, config: AdaLogConfig, model_kwargs, images: Tensor) -> dict:

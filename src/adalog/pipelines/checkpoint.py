@@ -115,18 +115,38 @@ def load_progress(
             f"{meta_path} records another calibration (differs in: "
             f"{', '.join(differing) or 'format_version'}); use a fresh resume folder"
         )
-    state = read_state_dict(Path(directory) / PROGRESS_WEIGHTS)
-    ensure_fold_biases(model, state)
-    for name, module in model.named_modules():
-        scale = state.get(f"{name}.scale")
-        if isinstance(module, UniformQuantizer) and scale is not None:
-            # folded post-LN inputs went from per-channel to per-tensor parameters (§3)
-            module.set_params(scale, state[f"{name}.zero_point"])
+    state = read_progress_state(directory)
+    _adopt_shapes(model, state)
     try:
         load_weights(model, state)
     except WeightsError as exc:
         raise ConfigError(f"{directory}: progress does not match the model: {exc}") from exc
     return list(meta["done_blocks"])
+
+
+def read_progress_state(directory: str | Path) -> dict:
+    """The state saved by :func:`save_progress` (pre-fold: §4's shift not yet in the bias)."""
+    return read_state_dict(Path(directory) / PROGRESS_WEIGHTS)
+
+
+def _adopt_shapes(model: nn.Module, state: dict) -> None:
+    """Shape the model like a calibrated state: fold-created biases, and post-LN input
+    quantizers that went from per-channel to per-tensor parameters (§3)."""
+    ensure_fold_biases(model, state)
+    for name, module in model.named_modules():
+        scale = state.get(f"{name}.scale")
+        if isinstance(module, UniformQuantizer) and scale is not None:
+            module.set_params(scale, state[f"{name}.zero_point"])
+
+
+def load_partial_state(model: nn.Module, state: dict, prefixes: list[str]) -> None:
+    """Copy the entries of ``state`` under the module ``prefixes`` into ``model`` (shapes
+    adopted as in :func:`load_progress`); every such entry must exist in the model."""
+    part = {k: v for k, v in state.items() if any(k.startswith(f"{p}.") for p in prefixes)}
+    _adopt_shapes(model, part)
+    result = model.load_state_dict(part, strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(f"state entries unknown to the model: {result.unexpected_keys[:8]}")
 
 
 def quantization_meta(

@@ -56,7 +56,8 @@ def _scales_per_zero_point(eq_n: int, n_zero_points: int) -> int:
     if n_scales < 2:
         raise ValueError(
             f"eq_n={eq_n} leaves {n_scales} scale(s) per zero point for {n_zero_points} zero "
-            "points; need at least 2 (the coarse spacing would be undefined)"
+            "points; need at least 2 (the coarse spacing would be undefined). Raise eq_n, or "
+            "for an 8-bit patch-embed conv set conv_zp_cap=True"
         )
     return n_scales
 

@@ -71,6 +71,7 @@ class SearchSettings:
     fpcs: bool = True
     steps: int = 6
     zp_cap: int | None = 16
+    conv_zp_cap: bool = False
     engine: str = "fast"
 
     @property
@@ -491,6 +492,7 @@ def calibrate_conv_weight(
     """
     rows = weight.reshape(weight.shape[0], -1)
     target = y if bias is None else y - bias
-    grid = weight_grid(rows, weight_quant.n_bits, settings.eq_n, zp_cap=None)
+    zp_cap = settings.zp_cap if settings.conv_zp_cap else None  # reference: uncapped (§10.10)
+    grid = weight_grid(rows, weight_quant.n_bits, settings.eq_n, zp_cap=zp_cap)
     score = _weight_score(settings, patches, target, rows, weight_quant.n_bits)
     _set_rows(weight_quant, _search(settings, score, grid))
