@@ -25,7 +25,7 @@ run vit_tiny_w8a8_refcalib quantize_eval.py --preset w4a4 --set w_bits=8 a_bits=
 [ -d runs/w4a4_refcalib_v2_art ] || .venv/bin/adalog export runs/w4a4_refcalib_v2 --out runs/w4a4_refcalib_v2_art
 for bits in w8a8 w4a4; do
   art=runs/${bits}_refcalib_art; [ "$bits" = w4a4 ] && art=runs/w4a4_refcalib_v2_art
-  run "runtime_speed_$bits" runtime_speed.py --artifact "$art" --weights "$W" --threads 2
+  run "runtime_speed_$bits" runtime_speed.py --artifact "$art" --weights "$W" --threads 1
 done
 # issues 3 and 6: W3A3 seed 7 (third seed), then its fast reconstruction (skipped with W3A3=0)
 [ "${W3A3:-1}" = 0 ] && exit 0

@@ -23,6 +23,14 @@ from adalog.quant import GELU_SHIFT, LogQuantizer, UniformQuantizer
 from adalog.quant.log import adalog_denominator, adalog_lut_numerators, adalog_tables
 from adalog.runtime import build_integer_model, load_integer_model
 from adalog.runtime import kernels as kernels_mod
+from adalog.runtime.fast import (
+    FastLinear,
+    FastViTAttention,
+    LayerNormToCodes,
+    fast_log_codes,
+    log_levels,
+    onednn_linears,
+)
 from adalog.runtime.integer import Coded, LogCoder, _log_tables, int_bilinear, log_index
 from adalog.runtime.kernels import FastKernel, ReferenceKernel
 
@@ -36,6 +44,7 @@ VARIANTS = {
     "log2": ("w4a4", {"post_gelu": "log2", "post_softmax": "log2"}),
     "w3a4": ("w4a4", {"w_bits": 3}),
     "w6a6": ("w6a6", {"eq_n": 64}),  # 6-bit conv weights have 32 zero points
+    "w8a8": ("w4a4", {"w_bits": 8, "a_bits": 8, "s_bits": 8, "eq_n": 256}),
 }
 
 
@@ -99,18 +108,105 @@ def test_integer_logits_match_fake_quant(variant: str, swin: bool):
     # point algebra is exact (a single flipped code would move the logits by >> 1e-12)
     fake64, integer64 = _logits(artifact, x, dtype=torch.float64)
     assert _rel(integer64, fake64) < 1e-12
+    _check_fast_layers(artifact, x)
 
 
-@pytest.mark.parametrize("variant", ["adalog", "twin+logsqrt2", "w6a6"])
-def test_fast_engine_is_bit_identical_to_reference(variant: str):
-    artifact = build_artifact(_quantized(variant))
-    x = _images()
-    fast = build_integer_model(artifact, "fast")
+def _check_fast_layers(artifact, x: torch.Tensor) -> None:
+    """Each fast layer on the reference layer's input: int8 linears differ by float rounding
+    only; log-coded inputs and the fused attention recompute log codes with another float
+    formula, so a code within rounding of a boundary may differ (measured on the W4A4
+    artifact: none in fc2, 1.3 % of the attention outputs)."""
+    from adalog.runtime.integer import IntLinear
+
+    reference, fast = build_integer_model(artifact), build_integer_model(artifact, "fast")
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, module in reference.named_modules():
+        if isinstance(module, IntLinear) or name.endswith((".attn", ".mlp")):
+            module.register_forward_hook(
+                lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))
+            )
     with torch.no_grad():
-        assert torch.equal(fast(x), build_integer_model(artifact, "reference")(x))
+        reference(x)
+        for name, (inputs, expected) in seen.items():
+            layer = fast.get_submodule(name)
+            if isinstance(layer, FastLinear) and (layer.fuse_gelu or name.endswith(".qkv")):
+                continue  # fused epilogues: compared through their block module
+            errors = (layer(inputs) - expected).abs() / expected.abs().max()
+            if isinstance(layer, FastLinear) and layer.mode == "int8":
+                assert float(errors.max()) < 1e-5, name
+            else:
+                assert float((errors > 1e-5).float().mean()) < 0.05, name
+
+
+FAST_VARIANTS = [(v, False) for v in VARIANTS] + [("adalog", True)]
+
+
+def _fast_and_reference(variant: str, swin: bool = False):
+    artifact = build_artifact(_quantized(variant, swin))
+    fast = build_integer_model(artifact, "fast")
+    x = _images(swin)
+    with torch.no_grad():
+        return fast, fast(x), build_integer_model(artifact, "reference")(x)
+
+
+@pytest.mark.parametrize("variant,swin", FAST_VARIANTS, ids=lambda v: str(v))
+def test_fast_engine_matches_reference(variant: str, swin: bool):
+    """Exact integer sums, float32 rounding elsewhere (float LUT products, folded scales, oneDNN
+    epilogues): measured max |Δlogit| / max |logit| <= 1.0e-7 on these models."""
+    fast, logits, reference = _fast_and_reference(variant, swin)
+    assert _rel(logits, reference) < 1e-5
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
     kernel = fast.integer_kernel
-    if kernel.fallback_reason is None:  # torch without a CPU int8 GEMM takes the fallback
-        assert kernel.stats["int_mm"] > 0 and set(kernel.stats) == {"int_mm"}
+    if kernel.fallback_reason is None:  # a torch build with oneDNN and a CPU int8 GEMM
+        assert kernel.stats["onednn_qlinear"] > 0 and kernel.stats["int_mm"] > 0
+        assert not any("fallback" in key or "int64" in key for key in kernel.stats)
+
+
+def test_fast_engine_fuses_vit_blocks():
+    fast = _fast_and_reference("adalog")[0]
+    for block in fast.blocks:
+        assert isinstance(block.attn, FastViTAttention)
+        assert all(isinstance(n, LayerNormToCodes) for n in (block.norm1, block.norm2))
+        assert isinstance(block.mlp.act, torch.nn.Identity) and block.mlp.fc1.fuse_gelu
+        assert block.mlp.fc2.mode == "lut" and block.attn.qkv.rank1 is None  # 4-bit weights
+    # uniform post-Softmax: the generic int8 matmul, LayerNorm kept; 8-bit weights: rank-1 term
+    uniform = _fast_and_reference("logsqrt2+uniform")[0].blocks[0]
+    assert not isinstance(uniform.attn, FastViTAttention) and uniform.attn.matmul2.mode == "int8"
+    assert type(uniform.norm1) is not LayerNormToCodes
+    assert _fast_and_reference("w8a8")[0].blocks[0].attn.qkv.rank1 is not None
+    twin = _fast_and_reference("twin+logsqrt2")[0].blocks[0].mlp.fc2
+    assert not isinstance(twin, FastLinear)  # twin inputs: reference module, fast kernel
+    with pytest.raises(ValueError, match="float32 only"):
+        build_integer_model(build_artifact(_quantized("adalog")), "fast", torch.float64)
+
+
+@pytest.mark.parametrize("missing", ["onednn", "onednn_at_run_time", "int_mm"])
+def test_fast_engine_fallbacks_match_reference(monkeypatch, missing: str):
+    """Without oneDNN the linears run on torch._int_mm (+ float epilogue) and F.linear; without
+    an int8 GEMM, on an exact int32 torch.matmul."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"no {missing} here")
+
+    if missing == "onednn":
+        monkeypatch.setattr(kernels_mod, "_onednn_available", lambda: False)
+    elif missing == "onednn_at_run_time":
+        monkeypatch.setattr(kernels_mod.FastKernel, "_qlinear_onednn", refuse)
+    else:
+        monkeypatch.setattr(torch, "_int_mm", refuse)
+    fast, logits, reference = _fast_and_reference("w8a8")
+    assert _rel(logits, reference) < 1e-5
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    stats = fast.integer_kernel.stats
+    if missing == "int_mm":
+        assert "no int_mm" in fast.integer_kernel.fallback_reason
+        assert stats["int32_matmul_fallback"] > 0 and "int_mm" not in stats
+    else:
+        assert "onednn_qlinear" not in stats and stats["int_mm"] > 0
+    if missing == "onednn":
+        assert "onednn_linear_fp32" not in stats and stats["linear_fp32"] > 0
+    if missing == "onednn_at_run_time":
+        assert "no onednn_at_run_time" in fast.integer_kernel.fallback_reason
 
 
 def test_unfolded_post_gelu_shift_is_applied_from_column_sums():
@@ -147,6 +243,15 @@ def _tables(quant: LogQuantizer):
     return _log_tables(artifact, "p", quant)
 
 
+def _fast_levels(quant: LogQuantizer) -> torch.Tensor:
+    if quant.kind != "adalog":
+        return log_levels(None, "p", quant)
+    numerators = adalog_lut_numerators(quant.q, quant.n_bits)
+    t1 = adalog_tables(quant.q, quant.n_bits)[0]
+    artifact = type("A", (), {"tensors": {"p.lut_numerators": numerators, "p.t1": t1}})()
+    return log_levels(artifact, "p", quant)
+
+
 def test_fixed_point_lut_follows_the_spec_test_vector():
     # §1.6, b = 3, q = 25: T1 = 0 0 1 2 2 3 4 4, D·T2 = 14 9 11 14 9 11 13 8 -> F = 4 and
     # a_k = (D·T2) << (4 - T1); code 8 is the zero state
@@ -154,10 +259,9 @@ def test_fixed_point_lut_follows_the_spec_test_vector():
     expected = [224, 144, 88, 56, 36, 22, 13, 8, 0]
     reference = LogCoder(quant, _tables(quant), ReferenceKernel())
     assert reference.frac_bits == 4 and reference.table0_0.tolist() == expected
-    fast = LogCoder(quant, _tables(quant), FastKernel())
-    low, high = fast.table0_0, fast.table0_1
-    assert low.dtype == torch.int8 and (low.long() + 128 * high.long()).tolist() == expected
-    assert fast.factors == [1 / (14 * 16)]
+    assert reference.factors == [1 / (14 * 16)]
+    fast = _fast_levels(quant)  # the fast engine's float LUT: the same levels, exactly
+    assert fast.dtype == torch.float32 and (fast * 224).tolist() == expected
 
 
 @pytest.mark.parametrize(
@@ -183,15 +287,18 @@ def test_log_operand_against_table_form(kind: str, q: int | None, exact: bool):
     v_op = Coded([[v_codes]], [torch.round(v_quant.zero_point).long() - 8], [v_scale])
     v_hat = (v_codes - v_op.zeros[0]).double() * v_scale
     expected = float(quant.scale) * _table_levels(quant)[codes] @ v_hat
-    for kernel in (ReferenceKernel(), FastKernel()):
-        coder = LogCoder(quant.double(), _tables(quant), kernel)
-        got = int_bilinear(coder(probs), v_op, kernel)
-        if exact:
-            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
-        else:
-            assert coder.frac_bits == 24
-            bound = 20 * 15 * 0.2 * 0.9 * 0.5 / (30 * 2.0**24)  # K·max|v̂|·s·½ulp
-            assert 0 < float((got - expected).abs().max()) <= bound
+    kernel = ReferenceKernel()
+    coder = LogCoder(quant.double(), _tables(quant), kernel)
+    got = int_bilinear(coder(probs), v_op, kernel)
+    if exact:
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    else:
+        assert coder.frac_bits == 24
+        bound = 20 * 15 * 0.2 * 0.9 * 0.5 / (30 * 2.0**24)  # K·max|v̂|·s·½ulp
+        assert 0 < float((got - expected).abs().max()) <= bound
+    # the fast engine's float LUT holds the table-form levels (no 2^-24 grid), in float32
+    levels = _table_levels(quant)
+    torch.testing.assert_close(_fast_levels(quant).double(), levels, rtol=6e-8, atol=0)
 
 
 def _table_levels(quant: LogQuantizer) -> torch.Tensor:
@@ -228,24 +335,46 @@ def test_log_index_equals_quantizer_codes(kind: str, shift: float):
     assert torch.equal(log_index(x, quant).long(), quant.quantize(x))
 
 
-def test_fast_kernel_planes_batching_and_fallbacks_are_exact(monkeypatch):
+@pytest.mark.parametrize("kind", ["adalog", "log2", "logsqrt2"])
+@pytest.mark.parametrize("shift,scale", [(0.0, 1.0), (GELU_SHIFT, 0.7), (GELU_SHIFT, 3.3)])
+def test_fast_log_codes_equal_quantizer_codes(kind: str, shift: float, scale: float):
+    """``log2(x + shift) - log2 s`` instead of ``log2((x + shift)/s)``: the same codes except
+    within float rounding of a code boundary (none among these values)."""
+    quant = LogQuantizer(4, kind, shift=shift)
+    quant.set_params(scale=scale, **({"q": 19} if kind == "adalog" else {}))
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(2000, generator=g) * scale, torch.tensor([0.0, -0.2, 9.0, 1e-9])])
+    codes = fast_log_codes(x, quant)
+    assert codes.dtype == torch.int32 and torch.equal(codes.long(), quant.quantize(x))
+    scratch = torch.empty_like(x)
+    assert torch.equal(fast_log_codes(x, quant, out=scratch), codes)
+    # LUT level x scale is the quantizer's dequantized value (shift folded into the next bias)
+    quant.set_shift_folded(True)
+    values = _fast_levels(quant)[codes.long()] * scale
+    torch.testing.assert_close(values, quant.dequantize(codes.long()), rtol=1e-6, atol=0)
+
+
+def test_fast_kernel_batching_strides_and_fallbacks_are_exact(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(0, 30 * 2**9, (2, 3, 5, 24), generator=g)  # 14-bit values: 2 planes
-    b = torch.randint(-8, 8, (1, 3, 24, 7), generator=g)  # broadcast batch dim
-    expected = (a @ b, a.sum(-1, keepdim=True))
+    a = torch.randint(-128, 128, (2, 3, 5, 24), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (1, 3, 24, 7), generator=g, dtype=torch.int8)  # broadcast
+    expected = (a.long() @ b.long(), a.long().sum(-1, keepdim=True))
 
     def check(kernel):
-        acc, rowsum = kernel.matmul(kernel_planes(kernel, a), b)
+        acc, rowsum = kernel.matmul([a], b)
         assert torch.equal(acc.long(), expected[0]) and torch.equal(rowsum.long(), expected[1])
 
-    def kernel_planes(kernel, values):
-        planes = kernel.plane_tables(values.reshape(-1))
-        return [p.reshape(values.shape) for p in planes]
-
     fast = FastKernel()
-    assert len(kernel_planes(fast, a)) == 2
     check(fast)
     check(ReferenceKernel())
+    # strided slices, as the fused attention passes them (a row stride, a transposed b)
+    wide = torch.randint(-128, 128, (2, 9, 3, 24), generator=g, dtype=torch.int8)
+    q, k = wide[..., 0, :].transpose(0, 1), wide[..., 1, :].transpose(0, 1).transpose(-1, -2)
+    assert torch.equal(fast.bmm(q, k).long(), q.long() @ k.long())
+    with pytest.raises(NotImplementedError, match="float LUT"):
+        fast.plane_tables(torch.arange(5))
+    with pytest.raises(ValueError, match="single-plane"):
+        fast.matmul([a, a], b)
     monkeypatch.setattr(kernels_mod, "MAX_FAST_K", 16)
     large_k = FastKernel()
     check(large_k)
@@ -306,7 +435,22 @@ def test_cli_eval_fp32_through_the_fast_engine(random_deit_and_images, tmp_path:
     args = ["--model", "deit_tiny_patch16_224", "--weights", str(weights), "--engine", "fast"]
     result = _eval(args, data, tmp_path / "fp.json")
     assert result["engine"] == "fast" and result["precision"] == "fp32"
+    assert result["linears"] == "oneDNN fp32"
     assert result["n"] == 2 and result["images_per_s"] > 0 and result["batch_size"] == 4
+    plain = _eval(args[:4], data, tmp_path / "plain.json")
+    assert (plain["top1"], plain["top5"]) == (result["top1"], result["top5"])
+
+
+def test_onednn_fp32_linears_match_torch():
+    """The FP32 baseline of the fast engine computes the same model (up to float rounding)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+        fast = onednn_linears(model)(x)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert _rel(fast, expected) < 1e-5
 
 
 def test_cli_eval_refuses_bad_artifacts_and_combinations(
@@ -353,9 +497,34 @@ def test_real_vit_tiny_artifact_matches_fake_quant_in_float64():
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     fake64, integer64 = _logits(artifact, x, dtype=torch.float64)
     assert _rel(integer64, fake64) < 1e-12
+    _check_fast_layers(artifact, x)
+
+
+def _check_fast_layers(artifact, x: torch.Tensor) -> None:
+    """Each fast layer on the reference layer's input: int8 linears differ by float rounding
+    only; log-coded inputs and the fused attention recompute log codes with another float
+    formula, so a code within rounding of a boundary may differ (measured on the W4A4
+    artifact: none in fc2, 1.3 % of the attention outputs)."""
+    from adalog.runtime.integer import IntLinear
+
+    reference, fast = build_integer_model(artifact), build_integer_model(artifact, "fast")
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, module in reference.named_modules():
+        if isinstance(module, IntLinear) or name.endswith((".attn", ".mlp")):
+            module.register_forward_hook(
+                lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))
+            )
     with torch.no_grad():
-        fast = build_integer_model(artifact, "fast")(x)
-        assert torch.equal(fast, build_integer_model(artifact, "reference")(x))
+        reference(x)
+        for name, (inputs, expected) in seen.items():
+            layer = fast.get_submodule(name)
+            if isinstance(layer, FastLinear) and (layer.fuse_gelu or name.endswith(".qkv")):
+                continue  # fused epilogues: compared through their block module
+            errors = (layer(inputs) - expected).abs() / expected.abs().max()
+            if isinstance(layer, FastLinear) and layer.mode == "int8":
+                assert float(errors.max()) < 1e-5, name
+            else:
+                assert float((errors > 1e-5).float().mean()) < 0.05, name
 
 
 def test_large_zero_points_widen_the_fast_accumulator():

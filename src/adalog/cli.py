@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--engine",
         choices=("reference", "fast"),
-        help="CPU engine: integer execution of --artifact (reference: int64 GEMMs; fast: int8 "
-        "torch._int_mm; default reference), or with --model the FP32 model on the same torch "
-        "CPU (fast only)",
+        help="CPU engine: integer execution of --artifact (reference: exact int64 GEMMs; fast: "
+        "oneDNN int8 linears and int8 _int_mm, float LUT for log-coded operands; default "
+        "reference), or with --model the FP32 model with oneDNN linears (fast only)",
     )
     _add_data_args(ev)
     ev.add_argument("--json", help="write the result to this JSON file")
@@ -129,6 +129,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         name = model.adalog_meta["model"]
     elif args.model:
         model, name = create_model(args.model, weights=args.weights), args.model
+        if args.engine == "fast":  # FP32 on the fast engine's oneDNN GEMMs
+            from adalog.runtime.fast import onednn_linears
+
+            model = onednn_linears(model)
     else:
         raise AdalogError("pass --model (FP evaluation), --quantized QDIR or --artifact ART")
     loader = build_eval_loader(
@@ -152,7 +156,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if getattr(kernel, "fallback_reason", None):
             result.extra["kernel_fallback"] = kernel.fallback_reason
     elif args.engine:
-        result.extra.update(engine=args.engine, precision="fp32")
+        result.extra.update(engine=args.engine, precision="fp32", linears="oneDNN fp32")
     _report(result, args.json)
 
 

@@ -26,11 +26,12 @@ quantizer's own rounding (so codes equal the fake-quant model's codes for equal 
 * **twin uniform** (PTQ4ViT fc2 input): positive and negative codes accumulate separately,
   scaled by ``s_pos`` and ``s_neg``.
 
-Accumulators are exact integers: int64 in the reference kernel, int32 per int8 GEMM in the fast
-kernel (see :mod:`adalog.runtime.kernels` for the overflow bounds). Each accumulator is then
-converted to float32 once and multiplied by its combined scale (``s_a·s_w[o]``, per head for
-matmuls); biases are added in float. That dequantized float output is what the method keeps
-between layers (§2.3: matmul and linear outputs are float), and the next quantizer requantizes it.
+Accumulators are exact integers: int64 in the reference kernel (int32 from int8 GEMMs where the
+fast engine reuses these modules; overflow bounds in :mod:`adalog.runtime.kernels`). Each
+accumulator is then converted to float32 once and multiplied by its combined scale
+(``s_a·s_w[o]``, per head for matmuls); biases are added in float. That dequantized float
+output is what the method keeps between layers (§2.3: matmul and linear outputs are float), and
+the next quantizer requantizes it.
 
 What stays float, as in the method (§2.3): the patch-embedding conv's image input (float image x
 integer weight codes, ``s_w[o]`` applied after the conv), LayerNorm, Softmax (and its scale),
@@ -55,7 +56,9 @@ amplifies it: a value that lands within rounding of a code boundary flips one co
   fake-quant model's argmax on ~14 % of dev-rest images (top-1 0.592 -> 0.581 / 0.573); the
   integer engines agree with it on 75 % (top-1 0.562; float64 exact model: 0.564).
 
-The reference and fast engines are bit-identical (both exact; same float epilogue).
+The ``fast`` engine (:mod:`adalog.runtime.fast`) runs the same artifact with int8 GEMMs and
+float LUTs for the log-coded operands; its integer sums are exact too, but it is not
+bit-identical: it agrees with this executor to float32 rounding per layer (see that module).
 """
 
 from __future__ import annotations
@@ -377,18 +380,29 @@ def build_integer_model(
 ) -> nn.Module:
     """The artifact's model with every quantized product executed in integers.
 
-    ``engine`` picks the GEMM kernel (``reference``: int64 ``torch.matmul``; ``fast``: int8
-    ``torch._int_mm``); results are identical. CPU only. ``dtype`` is the float type of the
+    ``engine``: ``reference`` (this module, exact int64 ``torch.matmul``) or ``fast``
+    (:mod:`adalog.runtime.fast`: int8 GEMMs, float LUTs for log operands, fused ViT blocks;
+    float32 only, equal up to float32 rounding). CPU only. ``dtype`` is the float type of the
     parts that stay float (float64 only to verify against a float64 fake-quant model without
     float32 rounding noise). ``model.integer_kernel.stats`` counts GEMM calls per kernel path.
     """
     kernel = make_kernel(engine)
+    if engine == "fast" and dtype != torch.float32:
+        raise ValueError("the fast engine runs in float32 only")
     model = fake_quant_model(artifact)
     replacements = {QuantLinear: IntLinear, QuantConv2d: IntConv2d, QuantMatMul: IntMatMul}
+    if engine == "fast":
+        from adalog.runtime.fast import FastMatMul, fast_linear
+
+        replacements.update({QuantLinear: fast_linear, QuantMatMul: FastMatMul})
     for name, module in list(model.named_modules()):
         build = replacements.get(type(module))
         if build is not None:
             _set_submodule(model, name, build(artifact, name, module, kernel))
+    if engine == "fast":
+        from adalog.runtime.fast import fuse_model
+
+        fuse_model(model)
     model.integer_kernel = kernel
     return model.to(dtype).eval().requires_grad_(False)
 
