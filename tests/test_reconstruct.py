@@ -363,7 +363,7 @@ def test_config_presets_round_trip_and_validation(tmp_path: Path):
         ReconstructConfig(input_source="int8")
     with pytest.raises(ConfigError, match="drop_prob"):
         ReconstructConfig(drop_prob=1.0)
-    with pytest.raises(ConfigError, match="unknown reconstruction keys"):
+    with pytest.raises(ConfigError, match="unknown reconstruction config keys"):
         ReconstructConfig.from_dict({"iters": 3})
     with pytest.raises(ConfigError, match="unknown reconstruction preset"):
         ReconstructConfig.preset("slow")

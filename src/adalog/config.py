@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from adalog.errors import ConfigError
 
@@ -16,8 +16,57 @@ SEARCH_ENGINE_CHOICES = ("fast", "naive")
 BIT_RANGE = range(2, 9)
 
 
+class SerialisableConfig:
+    """``with_overrides``, ``to_dict``/``from_dict`` and JSON/YAML ``save``/``load`` for the
+    frozen dataclass configs (unknown keys refused, writes atomic)."""
+
+    #: What the error messages call this config.
+    config_kind = "config"
+
+    def with_overrides(self, **overrides: Any) -> Self:
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown {self.config_kind} keys: {', '.join(sorted(unknown))}")
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {cls.config_kind} must be a mapping of field names to values")
+        return cls().with_overrides(**data)
+
+    def save(self, path: str | Path) -> None:
+        from adalog.io import atomic_write_text
+
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
+        else:
+            atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"could not read {cls.config_kind} {path}: {exc}") from exc
+        return cls.from_dict(data)
+
+
 @dataclass(frozen=True)
-class AdaLogConfig:
+class AdaLogConfig(SerialisableConfig):
     """Everything that decides how a model is quantized and calibrated.
 
     Defaults are the reference W4A4 values. ``head_a_bits=None`` means "same as a_bits" (the
@@ -96,47 +145,6 @@ class AdaLogConfig:
     @classmethod
     def w6a6(cls, **overrides: Any) -> AdaLogConfig:
         return cls.preset("w6a6", **overrides)
-
-    def with_overrides(self, **overrides: Any) -> AdaLogConfig:
-        unknown = set(overrides) - {f.name for f in fields(self)}
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        return replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdaLogConfig:
-        if not isinstance(data, dict):
-            raise ConfigError("a config must be a mapping of field names to values")
-        return cls().with_overrides(**data)
-
-    def save(self, path: str | Path) -> None:
-        from adalog.io import atomic_write_text
-
-        path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
-        else:
-            atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> AdaLogConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"could not read config {path}: {exc}") from exc
-        return cls.from_dict(data)
 
 
 def _check_bits(name: str, value: int) -> None:

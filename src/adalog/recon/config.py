@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+from adalog.config import SerialisableConfig
 from adalog.errors import ConfigError
 
 INPUT_SOURCES = ("fp", "quantized")
@@ -15,7 +14,7 @@ PRESETS = ("reference", "fast")
 
 
 @dataclass(frozen=True)
-class ReconstructConfig:
+class ReconstructConfig(SerialisableConfig):
     """How ``adalog.reconstruct`` trains AdaRound rounding and activation scales block by block.
 
     Defaults are the reference values (§7). Beyond the reference: ``input_source="quantized"``
@@ -25,6 +24,8 @@ class ReconstructConfig:
     gradient of the FP model's loss (diagonal Fisher). The data are ``data_size`` seeded views
     (crops, flips) of the calibration images: the originals first, then random crops.
     """
+
+    config_kind = "reconstruction config"  # for error messages; not a field
 
     iterations: int = 20000
     batch_size: int = 32
@@ -91,47 +92,6 @@ class ReconstructConfig:
     def resolve(cls, spec: str) -> ReconstructConfig:
         """A preset name, or the path of a JSON/YAML file (the CLI's ``--reconstruct`` value)."""
         return cls.preset(spec) if spec in PRESETS else cls.load(spec)
-
-    def with_overrides(self, **overrides: Any) -> ReconstructConfig:
-        unknown = set(overrides) - {f.name for f in fields(self)}
-        if unknown:
-            raise ConfigError(f"unknown reconstruction keys: {', '.join(sorted(unknown))}")
-        return replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ReconstructConfig:
-        if not isinstance(data, dict):
-            raise ConfigError("a reconstruction config must be a mapping of field names to values")
-        return cls().with_overrides(**data)
-
-    def save(self, path: str | Path) -> None:
-        from adalog.io import atomic_write_text
-
-        path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
-        else:
-            atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> ReconstructConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"could not read reconstruction config {path}: {exc}") from exc
-        return cls.from_dict(data)
 
 
 def _check_unit(name: str, value: float, closed: bool) -> None:
