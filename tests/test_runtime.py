@@ -500,33 +500,6 @@ def test_real_vit_tiny_artifact_matches_fake_quant_in_float64():
     _check_fast_layers(artifact, x)
 
 
-def _check_fast_layers(artifact, x: torch.Tensor) -> None:
-    """Each fast layer on the reference layer's input: int8 linears differ by float rounding
-    only; log-coded inputs and the fused attention recompute log codes with another float
-    formula, so a code within rounding of a boundary may differ (measured on the W4A4
-    artifact: none in fc2, 1.3 % of the attention outputs)."""
-    from adalog.runtime.integer import IntLinear
-
-    reference, fast = build_integer_model(artifact), build_integer_model(artifact, "fast")
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, module in reference.named_modules():
-        if isinstance(module, IntLinear) or name.endswith((".attn", ".mlp")):
-            module.register_forward_hook(
-                lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))
-            )
-    with torch.no_grad():
-        reference(x)
-        for name, (inputs, expected) in seen.items():
-            layer = fast.get_submodule(name)
-            if isinstance(layer, FastLinear) and (layer.fuse_gelu or name.endswith(".qkv")):
-                continue  # fused epilogues: compared through their block module
-            errors = (layer(inputs) - expected).abs() / expected.abs().max()
-            if isinstance(layer, FastLinear) and layer.mode == "int8":
-                assert float(errors.max()) < 1e-5, name
-            else:
-                assert float((errors > 1e-5).float().mean()) < 0.05, name
-
-
 def test_large_zero_points_widen_the_fast_accumulator():
     """Zero points far outside the code range would overflow int32 corrections at large K."""
     g = torch.Generator().manual_seed(0)
