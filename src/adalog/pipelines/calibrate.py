@@ -144,8 +144,10 @@ def calibrate(
     )
     blocks = list(dict.fromkeys(t.block for t in targets))
     name = model.pretrained_cfg.get("architecture", type(model).__name__)
-    fingerprint = _fingerprint(name, config, model_kwargs, images)
-    done = load_progress(model, resume_dir, fingerprint) if resume_dir is not None else []
+    done: list[str] = []
+    if resume_dir is not None:  # hashing the images is only needed to match saved progress
+        fingerprint = _fingerprint(name, config, model_kwargs, images)
+        done = load_progress(model, resume_dir, fingerprint)
     bar = tqdm(
         total=len(targets),
         initial=sum(t.block in done for t in targets),
