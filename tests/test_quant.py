@@ -27,6 +27,7 @@ from adalog.quant import (
     log_codes,
     log_dequant,
     log_fake_quant,
+    logsqrt2_dequant,
     twin_fake_quant,
 )
 
@@ -526,3 +527,27 @@ def test_log_module_train_mode_uses_exact_power() -> None:
     quant.scale.requires_grad_(True)
     quant(torch.tensor([0.3, 2.0])).sum().backward()
     assert quant.scale.grad.item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("n_bits,q", [(3, 29), (4, 41), (4, 137), (6, 50)])
+def test_adalog_tables_follow_the_module_dtype_exactly(n_bits: int, q: int):
+    """Cast to float64, T2 is (D·T2)/D rounded in float64, not the float32 T2 widened; cast
+    back, it is bit-identical to the float32 tables."""
+    quant = LogQuantizer(n_bits, "adalog")
+    quant.set_q(q)
+    numerators = adalog_lut_numerators(torch.tensor(q), n_bits)
+    d = adalog_denominator(n_bits)
+    double = quant.double()
+    assert double.t2.dtype == torch.float64
+    assert torch.equal(double.t2, numerators.double() / d)
+    assert not torch.equal(double.t2, (numerators.float() / d).double())  # float32 rounding gone
+    assert torch.equal(double.float().t2, adalog_tables(torch.tensor(q), n_bits)[1])
+
+
+def test_logsqrt2_table_form_is_exact_in_float64():
+    codes = torch.arange(16, dtype=torch.float64)
+    valid = torch.ones_like(codes, dtype=torch.bool)
+    table = logsqrt2_dequant(codes, valid, 1.0, "table")
+    exact = logsqrt2_dequant(codes, valid, 1.0, "exact")
+    assert table.dtype == torch.float64
+    torch.testing.assert_close(table, exact, rtol=1e-15, atol=0)

@@ -66,27 +66,10 @@ def _images(swin: bool = False, n: int = 6) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(5))
 
 
-def _exact_tables(module: torch.nn.Module) -> torch.nn.Module:
-    """Float64 T2 = (D·T2)/D; the stored float32 T2 is off by ~1e-8, which a float64 check
-    would otherwise see (and which can flip a later code)."""
-    for m in module.modules():
-        if isinstance(m, LogQuantizer) and m.kind == "adalog":
-            m.t2 = adalog_lut_numerators(m.q, m.n_bits).double() / adalog_denominator(m.n_bits)
-    return module
-
-
 def _logits(artifact, x: torch.Tensor, engine: str = "reference", dtype=torch.float32):
-    fake_model = fake_quant_model(artifact).to(dtype)
-    if dtype == torch.float64:
-        _exact_tables(fake_model)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # the fake Log-√2 builds its √2 in the default dtype
-    try:
-        with torch.no_grad():
-            fake = fake_model(x.to(dtype))
-            integer = build_integer_model(artifact, engine, dtype)(x.to(dtype))
-    finally:
-        torch.set_default_dtype(default)
+    with torch.no_grad():
+        fake = fake_quant_model(artifact).to(dtype)(x.to(dtype))
+        integer = build_integer_model(artifact, engine, dtype)(x.to(dtype))
     return fake, integer
 
 
@@ -396,15 +379,20 @@ TINY224 = {"depth": 1, "embed_dim": 32, "num_heads": 2}
 
 
 @pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory) -> Path:
+def quantized_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY224).eval()
     images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     adalog.quantize(model, images, AdaLogConfig.w4a4(**QUICK), False, model_kwargs=TINY224)
     qdir = tmp_path_factory.mktemp("q")
     adalog.save_quantized(model, qdir)
+    return qdir
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(quantized_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("art")
-    assert main(["export", str(qdir), "--out", str(out)]) == 0
+    assert main(["export", str(quantized_dir), "--out", str(out)]) == 0
     return out
 
 
@@ -428,6 +416,19 @@ def test_cli_eval_artifact_engines(artifact_dir: Path, tiny_folder: Path, tmp_pa
     assert results["fast"]["top1"] == results["reference"]["top1"]
     assert results["fast"]["top5"] == results["reference"]["top5"]
     assert results["reference"]["kernel_calls"]["int64_matmul"] > 0
+
+
+def test_cli_eval_float64_fake_quant_and_reference_engine_agree(
+    quantized_dir: Path, artifact_dir: Path, tiny_folder: Path, tmp_path: Path, capsys
+):
+    double = ["--dtype", "float64"]
+    fake = _eval(["--quantized", str(quantized_dir), *double], tiny_folder, tmp_path / "f")
+    ref = _eval(["--artifact", str(artifact_dir), *double], tiny_folder, tmp_path / "r")
+    assert fake["dtype"] == ref["dtype"] == "float64" and ref["engine"] == "reference"
+    assert (fake["top1"], fake["top5"]) == (ref["top1"], ref["top5"])
+    args = ["eval", "--artifact", str(artifact_dir), "--engine", "fast", "--dtype", "float64"]
+    assert main([*args, "--data", str(tiny_folder)]) == 1
+    assert "float32 only" in capsys.readouterr().err
 
 
 def test_cli_eval_fp32_through_the_fast_engine(random_deit_and_images, tmp_path: Path):

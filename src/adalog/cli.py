@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "oneDNN int8 linears and int8 _int_mm, float LUT for log-coded operands; default "
         "reference), or with --model the FP32 model with oneDNN linears (fast only)",
     )
+    ev.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="float type of the float parts (float64: fake-quant and the reference engine give "
+        "the same codes, free of float32 rounding; not the fast engine)",
+    )
     _add_data_args(ev)
     ev.add_argument("--json", help="write the result to this JSON file")
     ev.set_defaults(func=_cmd_eval)
@@ -112,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from adalog.models import create_model
     from adalog.pipelines.checkpoint import load_quantized
     from adalog.pipelines.evaluate import build_eval_loader, evaluate
@@ -122,7 +131,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         from adalog.runtime import load_integer_model
 
         engine = args.engine or "reference"
-        model = load_integer_model(args.artifact, engine, expected_model=args.model)
+        model = load_integer_model(args.artifact, engine, args.model, getattr(torch, args.dtype))
         name = model.adalog_meta["model"]
     elif args.quantized:
         model = load_quantized(args.quantized, expected_model=args.model)
@@ -145,7 +154,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         workers=args.workers,
         skip_bad_images=args.skip_bad_images,
     )
-    result = evaluate(model, loader, device=device, name=name)
+    result = evaluate(model, loader, device=device, name=name, dtype=getattr(torch, args.dtype))
     if args.quantized:
         result.extra["quantized"] = str(args.quantized)
         result.extra["bits"] = model.adalog_meta["bits"]
@@ -168,6 +177,8 @@ def _check_eval_sources(args: argparse.Namespace) -> None:
         raise AdalogError("--engine runs an --artifact or the FP32 --model, not --quantized")
     if args.engine == "reference" and not args.artifact:
         raise AdalogError("the reference engine runs integer artifacts; the FP32 baseline is fast")
+    if args.dtype != "float32" and args.engine == "fast":
+        raise AdalogError(f"the fast engine runs in float32 only, not --dtype {args.dtype}")
     if (args.engine or args.artifact) and args.device not in ("auto", "cpu"):
         raise AdalogError(f"the integer/fast engines run on the CPU, not --device {args.device}")
 

@@ -74,10 +74,15 @@ def evaluate(
     device: str | torch.device = "auto",
     name: str | None = None,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> EvalResult:
-    """Run ``model`` over ``loader``; count top-1 and top-5 hits."""
+    """Run ``model`` over ``loader``; count top-1 and top-5 hits.
+
+    ``dtype`` float64 takes float32 rounding out of the comparison of two computations of one
+    low-bit model (e.g. fake-quant vs integer runtime), whose codes it can otherwise flip.
+    """
     device = resolve_device(device) if isinstance(device, str) else device
-    model = model.eval().to(device)
+    model = model.eval().to(device, dtype)
     name = name or getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
     hits1 = hits5 = seen = skipped = 0
     forward_seconds = 0.0
@@ -88,7 +93,7 @@ def evaluate(
         if labels.numel() == 0:
             continue
         tick = time.perf_counter()
-        logits = model(images.to(device))
+        logits = model(images.to(device, dtype))
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()  # syncs a GPU
         forward_seconds += time.perf_counter() - tick
         hits1 += (top5[:, 0] == labels).sum().item()
@@ -109,5 +114,6 @@ def evaluate(
             "batch_size": loader.batch_size,
             "images_per_s": seen / forward_seconds if forward_seconds > 0 else None,
             "threads": torch.get_num_threads(),
+            "dtype": str(dtype).removeprefix("torch."),
         },
     )

@@ -182,7 +182,7 @@ def logsqrt2_dequant(
     if form == "exact":
         return _mask(valid, scale * torch.exp2(-codes / 2))
     odd = torch.remainder(codes, 2) == 1
-    mult = torch.where(odd, _SQRT2, 1.0).to(codes.dtype)
+    mult = torch.ones_like(codes).masked_fill_(odd, _SQRT2)  # √2 rounded in the codes' dtype
     return _mask(valid, torch.exp2(-torch.ceil(codes / 2)) * mult * scale)
 
 

@@ -408,7 +408,10 @@ def build_integer_model(
 
 
 def load_integer_model(
-    art_dir: str | Path, engine: str = "reference", expected_model: str | None = None
+    art_dir: str | Path,
+    engine: str = "reference",
+    expected_model: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Read and validate the artifact in ``art_dir`` (:func:`read_artifact`) and build its
     integer model; ``expected_model`` guards against running another architecture's artifact."""
@@ -418,4 +421,4 @@ def load_integer_model(
         raise ArtifactError(
             f"artifact {art_dir} was made for model '{found}', not '{expected_model}'"
         )
-    return build_integer_model(artifact, engine)
+    return build_integer_model(artifact, engine, dtype)
