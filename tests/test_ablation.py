@@ -80,8 +80,27 @@ def test_variants_quantize_with_the_intended_quantizers_and_resume(tmp_path: Pat
     assert [r["variant"] for r in results] == ["twin", "log2-raw", "softmax-uniform-s3"]
     assert json.loads((tmp_path / "variants" / "twin.json").read_text()) == first
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n") == 2 + 3 and "softmax-uniform-s3" in table
+    assert "| twin | 50.0 % | – |" in table  # Table B pivot: reparam on / off columns
+    assert "| log2 (AdaLog scale) | – | 50.0 % |" in table
+    assert "| post-Softmax quantizer | 3-bit |\n|---|---|\n| uniform | 50.0 % |" in table
+    assert table.count("| softmax-uniform-s3 | post-softmax |") == 1  # the flat table
     assert (tmp_path / "results.csv").read_text().startswith("variant,group,post_gelu")
+
+
+def test_tables_gather_every_finished_variant_in_set_order(tmp_path: Path):
+    """Invocations with other variant lists share one run folder: the tables hold them all."""
+    evaluate = lambda model: {"top1": 0.25, "top5": 0.5, "n": 4}  # noqa: E731
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    late, early = select_variants(["fpcs"], ["fpcs"]), select_variants(["post-gelu"], ["gelu-twin"])
+    run_ablation(tmp_path, late, BASE, _tiny, images, evaluate, progress=False)
+    run_ablation(tmp_path, early, BASE, _tiny, images, evaluate, progress=False)
+    (tmp_path / "fp32.json").write_text(json.dumps({"top1": 0.75, "top5": 0.875, "n": 4}))
+    ablation.write_tables(tmp_path, ablation.all_results(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["variant"] for r in rows] == ["gelu-twin", "fpcs"]
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("FP32 model: top-1 75.0 %, top-5 87.5 %.")
+    assert "| FPCS | 25.0 % |" in table
 
 
 def test_cli_ablate_writes_tables_and_plots(tmp_path: Path, random_deit_and_images):
@@ -95,6 +114,8 @@ def test_cli_ablate_writes_tables_and_plots(tmp_path: Path, random_deit_and_imag
     assert adalog.cli.main(argv) == 0
     rows = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in rows] == ["gelu-uniform", "gelu-adalog"]
+    assert set(json.loads((out / "fp32.json").read_text())) == {"top1", "top5", "n"}
+    assert (out / "results.md").read_text().startswith("FP32 model: top-1")
     for png in ("accuracy.png", "levels_post_gelu.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     details = json.loads((out / "variants" / "gelu-adalog.json").read_text())["details"]

@@ -176,7 +176,7 @@ def run_ablation(
         if inspect is not None:
             result["details"] = inspect(model)
         atomic_write_json(path, result)
-        write_tables(out_dir, load_results(out_dir, variants))
+        write_tables(out_dir, all_results(out_dir))
     return load_results(out_dir, variants)
 
 
@@ -198,6 +198,18 @@ def load_results(out_dir: str | Path, variants: list[Variant]) -> list[dict[str,
     return [json.loads(p.read_text()) for p in paths if p.exists()]
 
 
+def all_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every finished result in the run folder (from any invocation): the known variants in
+    set order, then any others by name."""
+    known = [v for name in VARIANT_SETS for v in select_variants([name])]
+    order = {v.name: i for i, v in enumerate(dict((v.name, v) for v in known).values())}
+    paths = sorted(
+        (Path(out_dir) / "variants").glob("*.json"),
+        key=lambda p: (order.get(p.stem, len(order)), p.stem),
+    )
+    return [json.loads(p.read_text()) for p in paths]
+
+
 def _row(result: dict[str, Any]) -> dict[str, Any]:
     config = result["config"]
     return {
@@ -217,7 +229,8 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_tables(out_dir: str | Path, results: list[dict[str, Any]]) -> None:
-    """``results.md`` (Markdown), ``results.csv`` and ``results.json`` from finished results."""
+    """``results.md`` (Table B / Table C style pivots, then every variant), ``results.csv`` and
+    ``results.json`` from finished results; the FP model's ``fp32.json``, if present, is cited."""
     out_dir = Path(out_dir)
     rows = [_row(r) for r in results]
     atomic_write_json(out_dir / "results.json", rows)
@@ -228,10 +241,101 @@ def write_tables(out_dir: str | Path, results: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "results.csv", buffer.getvalue())
+    lines = []
+    fp32 = read_fp32(out_dir)
+    if fp32 is not None:
+        lines += [
+            f"FP32 model: top-1 {_percent(fp32['top1'])}, top-5 {_percent(fp32['top5'])}.",
+            "",
+        ]
+    lines += _pivot_tables(rows)
     header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["All variants (top-1/top-5 as fractions, calibration seconds):", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[c]) for c in header) + " |" for row in rows]
     atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+
+
+def read_fp32(out_dir: str | Path) -> dict[str, Any] | None:
+    """The FP model's result kept in the run folder (``fp32.json``), if it was evaluated."""
+    path = Path(out_dir) / FP32_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+FP32_FILE = "fp32.json"
+LOG_KINDS = ("log2", "logsqrt2")
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.1f} %"
+
+
+def _gelu_row_label(row: dict[str, Any]) -> str:
+    kind = row["post_gelu"]
+    if kind not in LOG_KINDS:
+        return kind
+    return f"{kind} ({'own scale search' if row['log_scale_search'] == 'own' else 'AdaLog scale'})"
+
+
+def _pivot_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown pivots of top-1: post-GELU quantizer × bias reparameterization (Table B) and
+    post-Softmax quantizer × bits (Table C); empty for groups without finished variants."""
+    lines: list[str] = []
+    gelu = [r for r in rows if r["group"] in ("post-gelu", "log-scale")]
+    if gelu:
+        lines += [
+            "Post-GELU quantizer (fc2 input), top-1; W4A4 elsewhere. The shift and bias "
+            "reparameterization (§4) exist for the log quantizers only; 'AdaLog scale': "
+            "the reference transplants AdaLog's searched scale (§10 item 8).",
+            "",
+        ]
+        lines += _pivot(
+            gelu,
+            _gelu_row_label,
+            lambda r: (
+                (0, "default (reparam where it applies)")
+                if r["bias_reparam"]
+                else (1, "no bias reparam")
+            ),
+            "post-GELU quantizer",
+        )
+    softmax = [r for r in rows if r["group"] == "post-softmax"]
+    if softmax:
+        lines += [
+            "Post-Softmax quantizer (attention probabilities), top-1 by its bit-width; "
+            "W4A4 elsewhere.",
+            "",
+        ]
+        lines += _pivot(
+            softmax,
+            lambda r: r["post_softmax"],
+            lambda r: (-r["s_bits"], f"{r['s_bits']}-bit"),
+            "post-Softmax quantizer",
+        )
+    search = [r for r in rows if r["group"] == "fpcs"]
+    if search:
+        lines += ["Search: FPCS against the plain coarse grid (top-1, calibration time).", ""]
+        lines += ["| search | top-1 | calibration (s) |", "|---|---|---|"]
+        lines += [
+            f"| {'FPCS' if r['fpcs'] else 'coarse grid only'} | {_percent(r['top1'])} "
+            f"| {r['calib_seconds']:.0f} |"
+            for r in search
+        ]
+        lines += [""]
+    return lines
+
+
+def _pivot(rows: list[dict[str, Any]], row_key: Callable, col_key: Callable, corner: str):
+    """Rows in order of appearance; ``col_key`` gives (sort key, label) pairs."""
+    row_names = list(dict.fromkeys(row_key(r) for r in rows))
+    cols = sorted(set(col_key(r) for r in rows))
+    cells = {(row_key(r), col_key(r)): _percent(r["top1"]) for r in rows}
+    header = [corner, *(label for _, label in cols)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name in row_names:
+        values = [cells.get((name, col), "–") for col in cols]
+        lines.append("| " + " | ".join([name, *values]) + " |")
+    return lines + [""]
 
 
 def ablate(
@@ -271,6 +375,9 @@ def ablate(
         result = evaluate(model, loader, name=model_name)
         return {"top1": result.top1, "top5": result.top5, "n": result.n}
 
+    if read_fp32(out_dir) is None:  # the reference line of the tables and the bar chart
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(out_dir) / FP32_FILE, score(make_model()))
     results = run_ablation(
         out_dir,
         variants,
@@ -281,13 +388,22 @@ def ablate(
         inspect=lambda model: {"block": block, **quantizer_values(model, block)},
     )
     out_dir = Path(out_dir)
-    rows = [_row(r) for r in results]
+    finished = all_results(out_dir)  # this invocation's variants and earlier ones
+    write_tables(out_dir, finished)
+    rows = [_row(r) for r in finished]
     if rows:
-        title = f"{model_name}: top-1 per variant on {Path(data).name}"
-        plot_accuracy(rows, out_dir / "accuracy.png", title)
+        n_images = finished[0].get("n")
+        title = (
+            f"{model_name}, W{base.w_bits}A{base.a_bits} base: top-1 per variant "
+            f"({n_images} images of {Path(data).name})"
+        )
+        plot_accuracy(rows, out_dir / "accuracy.png", title, read_fp32(out_dir))
     activations = capture_activations(make_model(), images[:8], block)
-    for key, group in (("post_gelu", "post-gelu"), ("post_softmax", "post-softmax")):
-        chosen = [(r["variant"], r["details"]) for r in results if r["group"] == group]
+    for key, groups in (
+        ("post_gelu", ("post-gelu", "log-scale")),
+        ("post_softmax", ("post-softmax",)),
+    ):
+        chosen = [(r["variant"], r["details"]) for r in finished if r["group"] in groups]
         if chosen:
             plot_levels(activations, chosen, key, out_dir / f"levels_{key}.png", block)
     return results

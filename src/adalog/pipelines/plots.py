@@ -59,18 +59,33 @@ def quantizer_values(model: nn.Module, block: int) -> dict[str, list[float]]:
     return out
 
 
-def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str) -> None:
-    """Horizontal bars of top-1 per variant (grouped order kept), value printed on each bar."""
+def plot_accuracy(
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    title: str,
+    fp32: dict[str, Any] | None = None,
+) -> None:
+    """Horizontal bars of top-1 per variant, coloured by group (order kept), value printed on
+    each bar; the FP model's top-1 as a dashed line when given."""
     names = [r["variant"] for r in rows]
     top1 = [100 * r["top1"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
-    bars = ax.barh(range(len(rows)), top1, color="tab:blue")
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    palette = plt.get_cmap("tab10")
+    colors = [palette(groups.index(r["group"]) % 10) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.8))
+    bars = ax.barh(range(len(rows)), top1, color=colors)
     ax.set_yticks(range(len(rows)), names)
     ax.invert_yaxis()
     ax.set_xlabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.bar_label(bars, fmt="%.1f", padding=2)
     ax.set_xlim(0, 100)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette(i % 10)) for i in range(len(groups))]
+    labels = list(groups)
+    if fp32 is not None:
+        handles.append(ax.axvline(100 * fp32["top1"], color="black", linestyle="--"))
+        labels.append(f"FP32 ({100 * fp32['top1']:.1f})")
+    ax.legend(handles, labels, loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
