@@ -14,7 +14,7 @@ import adalog.cli
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.models.qmodules import QuantConv2d, QuantLinear
-from adalog.pipelines.reconstruct import round_beta, unfold_post_gelu_shift
+from adalog.pipelines.reconstruct import round_beta, token_norm_weights, unfold_post_gelu_shift
 from adalog.quant import GELU_SHIFT, LogQuantizer, UniformQuantizer
 from adalog.recon import AdaRoundQuantizer, ReconstructConfig
 from adalog.recon.adaround import rectified_sigmoid, round_regularizer
@@ -314,7 +314,13 @@ def test_same_seed_is_deterministic_and_seed_matters(calibrated, reconstructed):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"input_source": "quantized"}, {"drop_prob": 0.5}, {"loss": "fisher"}, {"hflip": False}],
+    [
+        {"input_source": "quantized"},
+        {"drop_prob": 0.5},
+        {"loss": "fisher"},
+        {"loss": "token_norm"},
+        {"hflip": False},
+    ],
 )
 def test_option_switches_change_the_result(calibrated, reconstructed, overrides):
     model, images, _ = calibrated
@@ -404,3 +410,15 @@ def test_cli_quantize_with_reconstruction(tmp_path: Path, tiny_folder: Path, mon
     loaded = adalog.load_quantized(qdir)
     qkv = loaded.blocks[0].attn.qkv
     assert torch.equal(qkv.quantized_weight(), qkv.weight)
+
+
+def test_token_norm_weights_follow_the_layernorm():
+    """A token scaled by c has its error weighted by 1/c²: the error the next LayerNorm sees."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 5, 8)
+    y[0, 1] *= 10.0
+    w = token_norm_weights(y)
+    assert w.shape == (2, 5, 1)
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    expected = 1.0 / y.var(-1, keepdim=True)
+    torch.testing.assert_close(w / w[1, 0], expected / expected[1, 0])

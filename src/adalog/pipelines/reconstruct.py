@@ -118,10 +118,22 @@ def _block_data(
     )
     fp_x, y, grad_sq = capture_fp(fp_model, name, data, config.batch_size, fisher)
     weights = None if grad_sq is None else grad_sq / grad_sq.mean().clamp_min(1e-30)
+    if config.loss == "token_norm" and not _is_head(name):
+        weights = token_norm_weights(y)
     if config.input_source == "fp":
         return BlockData(fp_x, y, None, weights)
     x = capture_inputs(model, name, data, config.batch_size)
     return BlockData(x, y, fp_x if config.drop_prob > 0 else None, weights)
+
+
+def token_norm_weights(targets: Tensor) -> Tensor:
+    """``1/σ²`` of each FP output token (variance over its channels), normalised to mean 1.
+
+    The next LayerNorm divides a token by its σ, so an error δ there reaches the rest of the
+    network as about δ/σ: tokens with massive activations (large σ) tolerate large absolute
+    errors, which a plain MSE would chase first."""
+    inv = 1.0 / targets.float().var(-1, keepdim=True).clamp_min(1e-12)
+    return inv / inv.mean()
 
 
 def _sampled_label_loss(generator: torch.Generator) -> Callable[[Tensor], Tensor]:

@@ -9,7 +9,7 @@ from adalog.config import SerialisableConfig
 from adalog.errors import ConfigError
 
 INPUT_SOURCES = ("fp", "quantized")
-LOSSES = ("mse", "fisher")
+LOSSES = ("mse", "fisher", "token_norm")
 PRESETS = ("reference", "fast")
 
 
@@ -21,8 +21,10 @@ class ReconstructConfig(SerialisableConfig):
     feeds each block the output of the already-reconstructed quantized blocks before it (BRECQ)
     instead of FP inputs; ``drop_prob`` keeps each activation element FP with that probability
     while training (QDrop); ``loss="fisher"`` weights the block output error by the squared
-    gradient of the FP model's loss (diagonal Fisher). The data are ``data_size`` seeded views
-    (crops, flips) of the calibration images: the originals first, then random crops.
+    gradient of the FP model's loss (diagonal Fisher); ``loss="token_norm"`` divides each output
+    token's error by the token's FP variance, as the next LayerNorm does. The data are
+    ``data_size`` seeded views (crops, flips) of the calibration images: the originals first,
+    then random crops.
     """
 
     config_kind = "reconstruction config"  # for error messages; not a field
