@@ -209,6 +209,9 @@ def test_reconstruction_units():
 def test_weights_end_on_grid_and_model_is_restored(reconstructed, calibrated):
     model, stats = reconstructed
     assert list(stats) == ["patch_embed", "blocks.0", "blocks.1", "head"]
+    for values in stats.values():  # noise-free probe losses around the training
+        assert 0 < values["probe_before"] < 1 and 0 < values["probe_after"] < 1
+        assert values["probe_after"] != values["probe_before"]
     n_layers = 0
     for module in model.modules():
         if isinstance(module, (QuantLinear, QuantConv2d)):

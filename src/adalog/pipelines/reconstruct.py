@@ -39,7 +39,8 @@ def reconstruct(
 
     ``images`` are the calibration images (never evaluation images); the training set is
     ``config.data_size`` seeded views of them. ``stats``, when given, receives per block the
-    wall seconds and the reconstruction loss of the first and last iterations.
+    wall seconds, the reconstruction loss of the first and last iterations, and the loss on a
+    fixed probe batch without QDrop before and after training (``probe_before``/``_after``).
     """
     config = ReconstructConfig.fast() if config is None else config
     stats = {} if stats is None else stats
@@ -180,11 +181,13 @@ def _train_block(
     bar: tqdm,
 ) -> dict[str, float]:
     block = model.get_submodule(name)
+    head = _is_head(name)
+    before = _probe_error(block, data, config, head)
     state = prepare_block(
         block, config.train_weights, config.train_act, config.drop_prob, gens.device
     )
     optimizers, scheduler = _optimizers(state, config)
-    head, first = _is_head(name), None
+    first = None
     bar.set_description(f"reconstruct {name}")
     try:
         for step in range(1, config.iterations + 1):
@@ -212,7 +215,23 @@ def _train_block(
                 )
     finally:
         state.finish()
-    return {"rec_first": first, "rec_last": float(rec.detach())}
+    after = _probe_error(block, data, config, head)
+    return {
+        "rec_first": first,
+        "rec_last": float(rec.detach()),
+        "probe_before": before,
+        "probe_after": after,
+    }
+
+
+def _probe_error(block: nn.Module, data: BlockData, config: ReconstructConfig, head: bool):
+    """The block's loss in eval mode (no QDrop, hard rounding) on its first ``batch_size``
+    samples (the unaugmented images): a noise-free before/after measure of the training."""
+    n = min(config.batch_size, len(data))
+    w = None if data.weights is None else data.weights[:n]
+    with torch.no_grad():
+        out = block(data.inputs[:n])
+        return float(reconstruction_loss(out, data.targets[:n], head, config.rec_weight, w))
 
 
 def _optimizers(state: BlockTraining, config: ReconstructConfig):
