@@ -6,6 +6,7 @@ folded post-GELU shift (§4), so its raw mode is not the FP layer. Prints a tabl
 
 Example:
     python benchmarks/quant_error_breakdown.py runs/w4a4_refcalib --out logs/breakdown.json
+    ... --split attn.qkv mlp.fc1   # also: input only / weights only in float
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from adalog.io import atomic_write_json
 from adalog.models.qmodules import QuantModule, set_quant_mode
@@ -36,6 +38,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("qdir")
     parser.add_argument("--images", type=int, default=256)
+    parser.add_argument(
+        "--split",
+        nargs="*",
+        default=[],
+        help="linear kinds (e.g. attn.qkv mlp.fc1) whose input and weight quantizers are "
+        "also left in float one at a time",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     model = load_quantized(args.qdir)
@@ -62,11 +71,24 @@ def main() -> None:
         result["kind_left_in_float"][kind] = top1()
         for m in modules:
             m.set_quant(True)
+    if args.split:
+        result["operand_left_in_float"] = {}
+        for kind in args.split:
+            modules = [m for n, m in model.named_modules() if n.endswith(kind)]
+            for attr in ("input_quant", "weight_quant"):
+                saved = [getattr(m, attr) for m in modules]
+                for m in modules:
+                    setattr(m, attr, nn.Identity())
+                result["operand_left_in_float"][f"{kind} {attr}"] = top1()
+                for m, quant in zip(modules, saved, strict=True):
+                    setattr(m, attr, quant)
     result["images"] = sum(len(y) for _, y in batches)
     atomic_write_json(args.out, result)
     print(f"| all quantized | {result['all_quantized']:.3f} |")
     for kind, acc in result["kind_left_in_float"].items():
         print(f"| {kind} in float | {acc:.3f} |")
+    for operand, acc in result.get("operand_left_in_float", {}).items():
+        print(f"| {operand} in float | {acc:.3f} |")
 
 
 if __name__ == "__main__":

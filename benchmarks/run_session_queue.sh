@@ -27,6 +27,13 @@ for bits in w8a8 w4a4; do
   art=runs/${bits}_refcalib_art; [ "$bits" = w4a4 ] && art=runs/w4a4_refcalib_v2_art
   run "runtime_speed_$bits" runtime_speed.py --artifact "$art" --weights "$W" --threads 1
 done
+# issue 6: one switch at a time on top of the fast preset, same checkpoint and data (TUNE=0 skips)
+if [ "${TUNE:-1}" = 1 ]; then
+  for variant in 'token_norm:loss="token_norm"' 'fisher:loss="fisher"' 'it1000:iterations=1000'; do
+    run "vit_tiny_w4a4_refcalib_recon_fast_${variant%%:*}" reconstruct_eval.py \
+      --quantized runs/w4a4_refcalib_v2 --calib-tensor "$REF" --reconstruct fast --rset "${variant#*:}"
+  done
+fi
 # issues 3 and 6: W3A3 seed 7 (third seed), then its fast reconstruction (skipped with W3A3=0)
 [ "${W3A3:-1}" = 0 ] && exit 0
 run vit_tiny_w3a3_calib32_seed7 quantize_eval.py --preset w3a3 --seed 7 --save runs/w3a3_seed7
