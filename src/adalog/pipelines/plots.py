@@ -107,7 +107,12 @@ def plot_levels(
     log_axis = key == "post_softmax"
     label = ACTIVATIONS[key][2]
     fig, axes = plt.subplots(
-        len(variants), 1, figsize=(9, 1.6 * len(variants) + 1), sharex=True, squeeze=False
+        len(variants),
+        1,
+        figsize=(9, 1.6 * len(variants) + 1),
+        sharex=True,
+        squeeze=False,
+        layout="constrained",  # keeps the figure title clear of the first panel's
     )
     floor = -24.0
     values = torch.log2(data.clamp_min(2.0**floor)) if log_axis else data
@@ -123,6 +128,5 @@ def plot_levels(
         ax.set_title(f"{name}: {len(levels[key])} representable values", fontsize=9)
     axes[-1, 0].set_xlabel(f"log2({label}); zero drawn at {floor:.0f}" if log_axis else label)
     fig.suptitle(f"Block {block}: {label} and quantizer levels")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
