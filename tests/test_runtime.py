@@ -3,6 +3,7 @@ fixed-point LUT, the kernels, the ``adalog eval --artifact/--engine`` contract, 
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -17,7 +18,7 @@ import adalog
 from adalog.cli import main
 from adalog.config import AdaLogConfig
 from adalog.errors import ArtifactError
-from adalog.models.qmodules import QuantLinear
+from adalog.models.qmodules import QuantLinear, snap_weights_to_grid
 from adalog.pipelines.export import META_FILE, TENSORS_FILE, build_artifact, fake_quant_model
 from adalog.quant import GELU_SHIFT, LogQuantizer, UniformQuantizer
 from adalog.quant.log import adalog_denominator, adalog_lut_numerators, adalog_tables
@@ -429,6 +430,28 @@ def test_cli_eval_float64_fake_quant_and_reference_engine_agree(
     args = ["eval", "--artifact", str(artifact_dir), "--engine", "fast", "--dtype", "float64"]
     assert main([*args, "--data", str(tiny_folder)]) == 1
     assert "float32 only" in capsys.readouterr().err
+
+
+def test_snapped_weights_keep_their_float32_codes_in_float64():
+    """Weights within float32 error of a code boundary change code when re-quantized in
+    float64, unless they were snapped onto their grid first (what ``eval --dtype float64``
+    does with a checkpoint)."""
+    scale = torch.tensor(0.0123)
+    w = torch.linspace(-1.5, 1.5, 200_001)
+    flips = torch.round(w / scale) != torch.round(w.double() / scale.double())
+    assert flips.sum() > 0  # float32 and float64 round some of these weights differently
+    weight = w[flips][:16].reshape(4, -1)
+    linear = QuantLinear(torch.nn.Linear(weight.shape[1], 4), 8, None)
+    linear.weight.data.copy_(weight)
+    linear.weight_quant.set_params(scale.expand(4, 1), torch.full((4, 1), 128.0))
+    codes32 = linear.weight_quant.quantize(linear.weight)
+    with torch.no_grad():
+        unsnapped = copy.deepcopy(linear).double()
+        assert not torch.equal(unsnapped.weight_quant.quantize(unsnapped.weight), codes32.double())
+        snap_weights_to_grid(linear)
+        assert torch.equal(linear.weight_quant.quantize(linear.weight), codes32)  # idempotent
+        snapped = linear.double()
+        assert torch.equal(snapped.weight_quant.quantize(snapped.weight), codes32.double())
 
 
 def test_cli_eval_fp32_through_the_fast_engine(random_deit_and_images, tmp_path: Path):

@@ -136,6 +136,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     elif args.quantized:
         model = load_quantized(args.quantized, expected_model=args.model)
         name = model.adalog_meta["model"]
+        if args.dtype != "float32":  # keep the float32 weight codes (the exported ones)
+            from adalog.models.qmodules import snap_weights_to_grid
+
+            snap_weights_to_grid(model)
     elif args.model:
         model, name = create_model(args.model, weights=args.weights), args.model
         if args.engine == "fast":  # FP32 on the fast engine's oneDNN GEMMs

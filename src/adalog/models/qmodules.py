@@ -8,6 +8,7 @@ buffers.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import WindowAttention
 from timm.models.vision_transformer import Attention
@@ -154,6 +155,22 @@ def set_quant_mode(model: nn.Module, enabled: bool) -> None:
             module.set_quant(enabled)
 
 
+def snap_weights_to_grid(model: nn.Module) -> nn.Module:
+    """Store every quantized weight as its fake-quantized value, computed in its current dtype.
+
+    A quantized model's weights are its integer codes. Re-quantizing the float32 FP weights in
+    float64 can round a weight lying within float32 error of a code boundary to the other code:
+    another model than the one calibrated and exported. On-grid weights keep their codes in any
+    float type. The model's raw mode is no longer the FP model afterwards.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (QuantLinear, QuantConv2d)):
+                if not module.weight_quant.is_identity:
+                    module.weight.copy_(module.quantized_weight())
+    return model
+
+
 __all__ = [
     "QuantConv2d",
     "QuantLinear",
@@ -162,4 +179,5 @@ __all__ = [
     "QuantViTAttention",
     "QuantWindowAttention",
     "set_quant_mode",
+    "snap_weights_to_grid",
 ]
