@@ -109,6 +109,11 @@ def select_variants(sets: list[str], only: list[str] | None = None) -> list[Vari
     return list(chosen.values())
 
 
+#: The FP model's result in a run folder (the tables' and the bar chart's reference).
+FP32_FILE = "fp32.json"
+#: Post-GELU log quantizers whose scale the reference transplants from AdaLog (§10 item 8).
+FIXED_BASE_LOG_KINDS = ("log2", "logsqrt2")
+
 #: Config fields whose change only affects the quantizers of the modules named by the suffix.
 MODULE_LOCAL_FIELDS = {
     "post_gelu": "fc2",
@@ -262,17 +267,13 @@ def read_fp32(out_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-FP32_FILE = "fp32.json"
-LOG_KINDS = ("log2", "logsqrt2")
-
-
 def _percent(fraction: float) -> str:
     return f"{100 * fraction:.1f} %"
 
 
 def _gelu_row_label(row: dict[str, Any]) -> str:
     kind = row["post_gelu"]
-    if kind not in LOG_KINDS:
+    if kind not in FIXED_BASE_LOG_KINDS:
         return kind
     return f"{kind} ({'own scale search' if row['log_scale_search'] == 'own' else 'AdaLog scale'})"
 
@@ -284,7 +285,7 @@ def _pivot_tables(rows: list[dict[str, Any]]) -> list[str]:
     gelu = [r for r in rows if r["group"] in ("post-gelu", "log-scale")]
     if gelu:
         lines += [
-            "Post-GELU quantizer (fc2 input), top-1; W4A4 elsewhere. The shift and bias "
+            "Post-GELU quantizer (fc2 input), top-1; the base config elsewhere. The shift and bias "
             "reparameterization (§4) exist for the log quantizers only; 'AdaLog scale': "
             "the reference transplants AdaLog's searched scale (§10 item 8).",
             "",
@@ -303,7 +304,7 @@ def _pivot_tables(rows: list[dict[str, Any]]) -> list[str]:
     if softmax:
         lines += [
             "Post-Softmax quantizer (attention probabilities), top-1 by its bit-width; "
-            "W4A4 elsewhere.",
+            "the base config elsewhere.",
             "",
         ]
         lines += _pivot(
