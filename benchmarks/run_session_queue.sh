@@ -29,7 +29,8 @@ for bits in w8a8 w4a4; do
 done
 # issue 6: one switch at a time on top of the fast preset, same checkpoint and data (TUNE=0 skips)
 if [ "${TUNE:-1}" = 1 ]; then
-  for variant in 'token_norm:loss="token_norm"' 'fisher:loss="fisher"' 'it1000:iterations=1000'; do
+  for variant in 'token_norm:loss="token_norm"' 'revert:keep_if_worse=false' 'fisher:loss="fisher"' \
+    'it1000:iterations=1000'; do
     run "vit_tiny_w4a4_refcalib_recon_fast_${variant%%:*}" reconstruct_eval.py \
       --quantized runs/w4a4_refcalib_v2 --calib-tensor "$REF" --reconstruct fast --rset "${variant#*:}"
   done

@@ -425,3 +425,19 @@ def test_token_norm_weights_follow_the_layernorm():
     torch.testing.assert_close(w.mean(), torch.tensor(1.0))
     expected = 1.0 / y.var(-1, keepdim=True)
     torch.testing.assert_close(w / w[1, 0], expected / expected[1, 0])
+
+
+def test_units_worse_after_training_can_be_reverted(calibrated):
+    """With keep_if_worse=False a unit whose probe loss rose is restored to its calibrated
+    state (weights, scales and biases, bit for bit)."""
+    model, images, _ = calibrated
+    stats: dict = {}
+    config = TINY.with_overrides(keep_if_worse=False)
+    out = adalog.reconstruct(copy.deepcopy(model), images, config, progress=False, stats=stats)
+    reverted = [n for n, v in stats.items() if not v["kept"]]
+    assert reverted == [n for n, v in stats.items() if v["probe_after"] > v["probe_before"]]
+    assert "patch_embed" in reverted  # 40 iterations leave its rounding worse than nearest
+    calib = _state(model)
+    for name in reverted:
+        for key, value in _state(out.get_submodule(name)).items():
+            assert torch.equal(value, calib[f"{name}.{key}"]), (name, key)

@@ -183,6 +183,7 @@ def _train_block(
     block = model.get_submodule(name)
     head = _is_head(name)
     before = _probe_error(block, data, config, head)
+    calibrated = {k: v.detach().clone() for k, v in block.state_dict().items()}
     state = prepare_block(
         block, config.train_weights, config.train_act, config.drop_prob, gens.device
     )
@@ -216,11 +217,15 @@ def _train_block(
     finally:
         state.finish()
     after = _probe_error(block, data, config, head)
+    kept = config.keep_if_worse or after <= before
+    if not kept:  # the trained unit is worse on the probe: back to its calibrated state
+        block.load_state_dict(calibrated)
     return {
         "rec_first": first,
         "rec_last": float(rec.detach()),
         "probe_before": before,
         "probe_after": after,
+        "kept": kept,
     }
 
 

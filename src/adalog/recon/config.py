@@ -22,7 +22,10 @@ class ReconstructConfig(SerialisableConfig):
     instead of FP inputs; ``drop_prob`` keeps each activation element FP with that probability
     while training (QDrop); ``loss="fisher"`` weights the block output error by the squared
     gradient of the FP model's loss (diagonal Fisher); ``loss="token_norm"`` divides each output
-    token's error by the token's FP variance, as the next LayerNorm does. The data are
+    token's error by the token's FP variance, as the next LayerNorm does;
+    ``keep_if_worse=False`` reverts a unit to its calibrated state when, after hard rounding,
+    its loss on the first ``batch_size`` unaugmented views (no QDrop) is higher than before
+    training (the reference keeps every result). The data are
     ``data_size`` seeded views (crops, flips) of the calibration images: the originals first,
     then random crops.
     """
@@ -46,6 +49,7 @@ class ReconstructConfig(SerialisableConfig):
     input_source: str = "fp"
     drop_prob: float = 0.0
     loss: str = "mse"
+    keep_if_worse: bool = True
     seed: int = 5
 
     def __post_init__(self) -> None:
