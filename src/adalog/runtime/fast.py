@@ -452,23 +452,27 @@ def fuse_model(model: nn.Module) -> dict[str, int]:
 
 
 class OneDNNLinear(nn.Module):
-    """``nn.Linear`` on oneDNN's fp32 GEMM with the weight prepacked once: the FP32 baseline
-    "in the same engine" as the fast path's oneDNN int8 linears (on this project's AMD CPUs
-    it is about 2.3x faster than torch's default MKL sgemm at ViT-Tiny shapes)."""
+    """``nn.Linear`` on oneDNN's fp32 GEMM with the weight prepacked once (the kernel the fast
+    engine's LUT linears use): the FP32 baseline "in the same engine" as the fast path's oneDNN
+    int8 linears (on this project's AMD CPUs it is about 2.3x faster than torch's default MKL
+    sgemm at ViT-Tiny shapes)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernel: FastKernel) -> None:
         super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.kernel = kernel
+        self.packed = kernel.pack_float(linear.weight.detach())
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self.kernel.linear_float(x, self.packed, self.bias)
 
 
 def onednn_linears(model: nn.Module) -> nn.Module:
     """Put every plain ``nn.Linear`` of an FP32 model on :class:`OneDNNLinear` (in place)."""
+    kernel = FastKernel()
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, OneDNNLinear(module))
+            replacement = OneDNNLinear(module, kernel)
+            setattr(model.get_submodule(parent) if parent else model, leaf, replacement)
     return model
