@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from adalog.errors import AdalogError
+from adalog.errors import AdalogError, ConfigError
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +189,12 @@ def _check_eval_sources(args: argparse.Namespace) -> None:
 
 def _add_variant_args(parser: argparse.ArgumentParser) -> None:
     """Ablation switches applied on top of --preset / --config (issue: baselines and ablations)."""
-    from adalog.config import POST_GELU_CHOICES, POST_SOFTMAX_CHOICES, SEARCH_ENGINE_CHOICES
+    from adalog.config import (
+        POST_GELU_CHOICES,
+        POST_SOFTMAX_CHOICES,
+        SEARCH_ENGINE_CHOICES,
+        WEIGHT_ROUNDING_CHOICES,
+    )
 
     parser.add_argument(
         "--post-softmax", choices=POST_SOFTMAX_CHOICES, help="post-Softmax quantizer"
@@ -210,6 +215,12 @@ def _add_variant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--search-engine", choices=SEARCH_ENGINE_CHOICES, help="fast (default) or naive scoring"
     )
+    parser.add_argument(
+        "--weight-rounding",
+        choices=WEIGHT_ROUNDING_CHOICES,
+        help="nearest (reference) or gptq (error-feedback rounding of every weight but the head's "
+        "on its searched grid; not combinable with --reconstruct)",
+    )
 
 
 def variant_overrides(args: argparse.Namespace) -> dict:
@@ -220,6 +231,7 @@ def variant_overrides(args: argparse.Namespace) -> dict:
         "s_bits": args.s_bits,
         "log_scale_search": args.log_scale_search,
         "search_engine": args.search_engine,
+        "weight_rounding": args.weight_rounding,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_bias_reparam:
@@ -243,6 +255,10 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         overrides["calib_augment"] = False
     config = config.with_overrides(**overrides)
     recon = _reconstruct_config(args)
+    if recon is not None and config.weight_rounding != "nearest":
+        raise ConfigError(
+            "--reconstruct learns the weight rounding itself: drop --weight-rounding gptq"
+        )
     model = create_model(args.model, weights=args.weights)
     images = load_calibration_images(model, args.calib_data, args.calib_list, config)
     calibrate(model, images, config, resume_dir=args.resume)

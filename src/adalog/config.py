@@ -13,6 +13,7 @@ POST_SOFTMAX_CHOICES = ("adalog", "log2", "logsqrt2", "uniform")
 POST_GELU_CHOICES = ("adalog", "log2", "logsqrt2", "twin", "uniform")
 LOG_SCALE_SEARCH_CHOICES = ("transplant", "own")
 SEARCH_ENGINE_CHOICES = ("fast", "naive")
+WEIGHT_ROUNDING_CHOICES = ("nearest", "gptq")
 BIT_RANGE = range(2, 9)
 
 
@@ -97,6 +98,13 @@ class AdaLogConfig(SerialisableConfig):
     # 'fast' scores candidates with exact closed forms (same choices, much faster); 'naive'
     # recomputes the layer output per candidate like the reference (for checks and timing).
     search_engine: str = "fast"
+    # Beyond the reference: 'gptq' re-rounds every quantized weight but the head's on its
+    # searched grid with GPTQ's error feedback (token-normalised input Gram matrices of
+    # gptq_views seeded views of the calibration images; gptq_damp x mean diagonal added);
+    # 'nearest' is the reference.
+    weight_rounding: str = "nearest"
+    gptq_damp: float = 0.1
+    gptq_views: int = 256
     calib_size: int = 32
     calib_batch_size: int = 32
     calib_augment: bool = True
@@ -111,7 +119,11 @@ class AdaLogConfig(SerialisableConfig):
         _check_choice("post_gelu", self.post_gelu, POST_GELU_CHOICES)
         _check_choice("log_scale_search", self.log_scale_search, LOG_SCALE_SEARCH_CHOICES)
         _check_choice("search_engine", self.search_engine, SEARCH_ENGINE_CHOICES)
-        for name in ("eq_n", "search_rounds", "fpcs_steps", "calib_size", "calib_batch_size"):
+        _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDING_CHOICES)
+        if not self.gptq_damp > 0:
+            raise ConfigError(f"gptq_damp must be > 0, got {self.gptq_damp!r}")
+        counts = ("eq_n", "search_rounds", "fpcs_steps", "calib_size", "calib_batch_size")
+        for name in (*counts, "gptq_views"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fpcs_steps < 2 and self.fpcs:

@@ -29,7 +29,9 @@ from adalog.pipelines.checkpoint import (
     quantization_meta,
     save_progress,
 )
+from adalog.pipelines.weight_rounding import gptq_round_weights
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
+from adalog.recon.data import augmented_views
 from adalog.search.procedures import (
     SearchSettings,
     calibrate_conv_weight,
@@ -40,6 +42,9 @@ from adalog.search.procedures import (
     calibrate_post_gelu_twin,
     channelwise_input_search,
 )
+
+#: Smallest crop area of the seeded views whose Gram matrices GPTQ uses (as reconstruction's).
+GPTQ_CROP_SCALE_MIN = 0.25
 
 
 def seed_everything(seed: int) -> None:
@@ -123,6 +128,8 @@ def calibrate(
     model, config and images continues after the last saved block: every module is calibrated
     on FP captures, so the result is the same as an uninterrupted run. With ``reuse`` only the
     modules it names are searched; every other module takes its result from ``reuse.state``.
+    With ``config.weight_rounding == "gptq"`` the weights are re-rounded after the last block
+    (:mod:`adalog.pipelines.weight_rounding`; ``timings["gptq"]``).
     """
     timings = {} if timings is None else timings
     if images.dim() != 4 or images.shape[0] == 0:
@@ -180,6 +187,11 @@ def calibrate(
             done.append(block)
             save_progress(model, resume_dir, done, fingerprint)
     bar.close()
+    if config.weight_rounding == "gptq":
+        start = time.perf_counter()
+        views = augmented_views(images, config.gptq_views, GPTQ_CROP_SCALE_MIN, True, config.seed)
+        gptq_round_weights(model, views, config.calib_batch_size, config.gptq_damp, progress)
+        timings["gptq"] = time.perf_counter() - start
     set_quant_mode(model, True)
     fold_post_gelu_shift(model)
     model.adalog_meta = quantization_meta(name, config, model_kwargs)

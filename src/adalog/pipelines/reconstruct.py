@@ -46,6 +46,12 @@ def reconstruct(
     stats = {} if stats is None else stats
     if getattr(model, "adalog_meta", None) is None:
         raise ConfigError("reconstruct needs a model calibrated by adalog (no adalog_meta)")
+    if model.adalog_meta.get("config", {}).get("weight_rounding", "nearest") != "nearest":
+        raise ConfigError(
+            "reconstruct needs the FP weights, but this model's weights were GPTQ-rounded during "
+            "calibration (weight_rounding='gptq'); calibrate with weight_rounding='nearest' "
+            "before reconstructing (AdaRound learns the rounding itself)"
+        )
     if images.dim() != 4 or images.shape[0] == 0:
         raise DataError(f"images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
     torch.manual_seed(config.seed)
