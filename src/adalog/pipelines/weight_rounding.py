@@ -56,12 +56,13 @@ def collect_input_grams(
     images: Tensor,
     batch_size: int,
     progress: bool = False,
+    normalize_tokens: bool = True,
 ) -> dict[str, Tensor]:
     """``X̂ᵀX̂`` (float64) of each of ``layers`` over one FP pass of ``images``."""
     grams: dict[str, Tensor] = {}
 
     def hook(module, inputs, _output, name):
-        gram = input_gram(_layer_inputs(module, inputs[0]))
+        gram = input_gram(_layer_inputs(module, inputs[0]), normalize_tokens)
         grams[name] = gram if name not in grams else grams[name] + gram
 
     handles = [
@@ -87,12 +88,13 @@ def gptq_round_weights(
     damp: float = 0.1,
     progress: bool = False,
     layers: dict[str, nn.Module] | None = None,
+    normalize_tokens: bool = True,
 ) -> nn.Module:
     """Re-round the weights of ``layers`` (default :func:`gptq_layers`) of ``model`` (wrapped,
     calibrated, raw mode FP) with GPTQ on their calibrated grids; returns it in quant mode."""
     model.eval()
     layers = gptq_layers(model) if layers is None else layers
-    grams = collect_input_grams(model, layers, images, batch_size, progress)
+    grams = collect_input_grams(model, layers, images, batch_size, progress, normalize_tokens)
     for name in tqdm(list(grams), desc="gptq: rounding", disable=not progress):
         module = layers[name]
         quant = module.weight_quant
