@@ -7,7 +7,9 @@ input Gram matrix and is scored on the first ``--images`` dev-rest images: mean 
 the logits (smoother than top-1 on a 4-bit model, whose argmax flips with float rounding),
 argmax agreement with FP, top-1. Prints a Markdown table, writes JSON.
 
-Example:
+Examples:
+    python benchmarks/gptq_layers.py runs/w3a3_seed7 --variants all:norm --full-eval \
+        --out benchmarks/logs/gptq_w3a3_seed7.json
     python benchmarks/gptq_layers.py runs/w4a4_refcalib --calib-tensor \
         ../shared/data/imagenet-sample/reference_calib32_vit_tiny.safetensors \
         --out benchmarks/logs/gptq_layers_w4a4.json
@@ -24,29 +26,36 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from adalog.config import AdaLogConfig
 from adalog.io import atomic_write_json
 from adalog.models.qmodules import set_quant_mode
-from adalog.pipelines.calibrate import GPTQ_CROP_SCALE_MIN, fold_post_gelu_shift
+from adalog.pipelines.calibrate import (
+    GPTQ_CROP_SCALE_MIN,
+    fold_post_gelu_shift,
+    load_calibration_images,
+)
 from adalog.pipelines.checkpoint import load_quantized
-from adalog.pipelines.evaluate import build_eval_loader
+from adalog.pipelines.evaluate import build_eval_loader, evaluate
 from adalog.pipelines.reconstruct import unfold_post_gelu_shift
 from adalog.pipelines.weight_rounding import gptq_layers, gptq_round_weights
 from adalog.recon.data import augmented_views
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
-#: (layers: a name suffix, "all" = every layer but the head, or "all+head"; token-normalised)
+#: LAYERS:GRAM, LAYERS a name suffix, "all" (every layer but the head: weight_rounding="gptq")
+#: or "all+head"; GRAM "plain" or "norm" (token-normalised, the default)
 VARIANTS = [
-    ("attn.qkv", False),
-    ("attn.proj", False),
-    ("mlp.fc1", False),
-    ("mlp.fc2", False),
-    ("patch_embed.proj", False),
-    ("head", False),
-    ("mlp.fc2", True),
-    ("all", False),
-    ("all", True),
-    ("all+head", True),
+    "attn.qkv:plain",
+    "attn.proj:plain",
+    "mlp.fc1:plain",
+    "mlp.fc2:plain",
+    "patch_embed.proj:plain",
+    "head:plain",
+    "mlp.fc2:norm",
+    "all:plain",
+    "all:norm",
+    "all+head:norm",
 ]
+DEFAULT_RULE = "all:norm"
 
 
 def _dev_rest(model: nn.Module, n: int) -> tuple[Tensor, Tensor]:
@@ -78,7 +87,17 @@ def _select(model: nn.Module, layers: str) -> dict[str, nn.Module]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("qdir", help="calibrated checkpoint (weight_rounding nearest)")
-    parser.add_argument("--calib-tensor", required=True, help="safetensors with calibration 'x'")
+    parser.add_argument(
+        "--calib-tensor",
+        help="safetensors with calibration inputs 'x' (default: calib32.txt through the "
+        "checkpoint's seeded calibration transform, as its calibration saw them)",
+    )
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="LAYERS:GRAM entries")
+    parser.add_argument(
+        "--full-eval",
+        action="store_true",
+        help=f"also evaluate nearest and {DEFAULT_RULE} on all of dev-rest, float32 and float64",
+    )
     parser.add_argument("--views", type=int, default=256)
     parser.add_argument("--damp", type=float, default=0.1)
     parser.add_argument("--images", type=int, default=256)
@@ -86,10 +105,12 @@ def main() -> None:
     args = parser.parse_args()
 
     base = load_quantized(args.qdir)
-    config = base.adalog_meta["config"]
-    views = augmented_views(
-        load_file(args.calib_tensor)["x"], args.views, GPTQ_CROP_SCALE_MIN, True, config["seed"]
-    )
+    config = AdaLogConfig.from_dict(base.adalog_meta["config"])
+    if args.calib_tensor:
+        calib = load_file(args.calib_tensor)["x"]
+    else:
+        calib = load_calibration_images(base, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
+    views = augmented_views(calib, args.views, GPTQ_CROP_SCALE_MIN, True, config.seed)
     images, labels = _dev_rest(base, args.images)
     fp = copy.deepcopy(base)
     unfold_post_gelu_shift(fp)
@@ -108,20 +129,29 @@ def main() -> None:
             "top1": (logits.argmax(-1) == labels).float().mean().item(),
         }
 
-    rows = [{"layers": "none (nearest)", "normalize_tokens": None} | score(base)]
-    for layers, normalize in VARIANTS:
+    def rounded(variant: str) -> nn.Module:
+        layers, gram = variant.split(":")
         model = load_quantized(args.qdir)
         unfold_post_gelu_shift(model)
         selected = _select(model, layers)
+        normalize = gram == "norm"
         gptq_round_weights(
             model, views, damp=args.damp, layers=selected, normalize_tokens=normalize
         )
         fold_post_gelu_shift(model)
-        rows.append({"layers": layers, "normalize_tokens": normalize} | score(model))
+        return model
+
+    rows = [{"layers": "none (nearest)", "normalize_tokens": None} | score(base)]
+    for variant in args.variants:
+        layers, gram = variant.split(":")
+        rows.append(
+            {"layers": layers, "normalize_tokens": gram == "norm"} | score(rounded(variant))
+        )
         print(rows[-1], flush=True)
-    atomic_write_json(
-        args.out, {"qdir": args.qdir, "views": args.views, "damp": args.damp, "rows": rows}
-    )
+    result = {"qdir": args.qdir, "views": args.views, "damp": args.damp, "rows": rows}
+    if args.full_eval:
+        result["dev_rest"] = _full_eval({"nearest": base, DEFAULT_RULE: rounded(DEFAULT_RULE)})
+    atomic_write_json(args.out, result)
     print("| GPTQ on | token-normalised Gram | KL to FP | argmax = FP | top-1 |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -130,6 +160,22 @@ def main() -> None:
             f"| {r['layers']} | {norm} | {r['kl_to_fp']:.3f} | {r['agree_with_fp']:.3f} "
             f"| {r['top1']:.3f} |"
         )
+
+    for name, scores in result.get("dev_rest", {}).items():
+        print(f"dev-rest {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+
+def _full_eval(models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 on all of dev-rest in float32 and float64."""
+    out = {}
+    for name, model in models.items():
+        loader = build_eval_loader(model, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
+        out[name] = {}
+        for dtype in (torch.float32, torch.float64):
+            result = evaluate(model, loader, progress=False, dtype=dtype)
+            tag = str(dtype).removeprefix("torch.")
+            out[name] |= {f"top1_{tag}": result.top1, f"top5_{tag}": result.top5}
+    return out
 
 
 if __name__ == "__main__":

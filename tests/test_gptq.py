@@ -133,3 +133,18 @@ def test_cli_refuses_gptq_with_reconstruction_before_calibrating(
     assert adalog.cli.main(args) != 0
     assert "--weight-rounding gptq" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_gptq_calibration_of_a_swin_model_keeps_weights_on_grid():
+    torch.manual_seed(0)
+    kwargs = {"img_size": 64, "window_size": 4, "depths": (1, 1), "num_heads": (1, 2)}
+    model = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=24, **kwargs).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    config = SMALL.with_overrides(weight_rounding="gptq", gptq_views=4)
+    adalog.quantize(model, images, config, progress=False)
+    selected = gptq_layers(model)
+    assert "layers.1.downsample.reduction" in selected and "head.fc" not in selected
+    for name, module in selected.items():
+        assert torch.equal(module.weight_quant(module.weight), module.weight), name
+    with torch.no_grad():
+        assert torch.isfinite(model(images)).all()
