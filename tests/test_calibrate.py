@@ -146,6 +146,26 @@ def test_interrupted_calibration_resumes_to_the_same_parameters(
         )
 
 
+def test_progress_from_before_new_config_keys_resumes(tmp_path: Path, monkeypatch):
+    """Progress written before a config key existed matches a run with that key's default."""
+    first = adalog.quantize(_model("vit_tiny_patch16_224", VIT_KW), _images(), SMALL,
+                            progress=False, resume_dir=tmp_path)  # fmt: skip
+    meta_path = tmp_path / "progress.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("weight_rounding", "gptq_damp", "gptq_views"):
+        del meta["config"][key]
+    meta_path.write_text(json.dumps(meta))
+
+    def no_search(*args):
+        raise AssertionError("a saved block was searched again")
+
+    monkeypatch.setattr(calibrate_module, "_calibrate_target", no_search)
+    resumed = adalog.quantize(_model("vit_tiny_patch16_224", VIT_KW), _images(), SMALL,
+                              progress=False, resume_dir=tmp_path)  # fmt: skip
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, first.state_dict()[key]), key
+
+
 def _block_names(name: str, kwargs: dict) -> list[str]:
     from adalog.models.wrap import wrap_model
 

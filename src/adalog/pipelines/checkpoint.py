@@ -109,6 +109,11 @@ def load_progress(
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{meta_path}: unreadable calibration progress ({exc})") from exc
+    if isinstance(meta.get("config"), dict):  # keys added to AdaLogConfig since: defaults
+        try:
+            meta["config"] = AdaLogConfig.from_dict(meta["config"]).to_dict()
+        except ConfigError:
+            pass  # reported as a differing config below
     differing = [k for k in fingerprint if meta.get(k) != fingerprint[k]]
     if meta.get("format_version") != FORMAT_VERSION or differing:
         raise ConfigError(
