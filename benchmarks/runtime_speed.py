@@ -12,7 +12,9 @@ until each engine has ``--min-seconds`` of forwards and ``--min-rounds`` rounds.
 the median forward time; ``vs_fp32`` is the median over rounds of the per-round ratio to
 ``fp32`` (paired, so slow drifts cancel). The batch is real dev-rest images (any ``--artifact``;
 W8A8, W4A4, ...). ``--top1-images N`` adds top-1 on the first N dev-rest images per engine.
-Prints a Markdown table and writes JSON.
+``--profile N`` adds, per engine, where N profiled forwards at the largest batch spend their
+time (torch.profiler self CPU time: int8 GEMMs, fp32 GEMMs, everything else).
+Prints Markdown tables and writes JSON.
 
 Example (one thread, as in benchmarks/RESULTS.md):
     python benchmarks/runtime_speed.py --artifact runs/w8a8_refcalib_art --threads 1 \
@@ -44,6 +46,29 @@ SHARED = ROOT.parent / "shared"
 SAMPLE = SHARED / "data" / "imagenet-sample"
 WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 ENGINES = ("fp32", "fp32-onednn", "fake", "reference", "fast")
+#: profiler op-name fragments per category (first match wins; the rest is "other")
+OP_CATEGORIES = {
+    "int8 GEMM": ("qlinear", "_int_mm"),
+    "fp32 GEMM": ("_linear_pointwise", "aten::mm", "aten::bmm", "aten::addmm", "aten::linear"),
+}
+
+
+@torch.no_grad()
+def profile_shares(model: nn.Module, batch: Tensor, forwards: int) -> dict[str, float]:
+    """Self CPU milliseconds per forward of each op category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model(batch)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(forwards):
+            model(batch)
+    totals = dict.fromkeys([*OP_CATEGORIES, "other"], 0.0)
+    for event in prof.key_averages():
+        category = next(
+            (c for c, keys in OP_CATEGORIES.items() if any(k in event.key for k in keys)), "other"
+        )
+        totals[category] += event.self_cpu_time_total / 1000.0 / forwards
+    return totals
 
 
 def build(engine: str, artifact, weights: str) -> nn.Module:
@@ -97,6 +122,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=5.0, help="per engine and batch")
     parser.add_argument("--min-rounds", type=int, default=5)
     parser.add_argument("--top1-images", type=int, default=0, help="0 skips the top-1 pass")
+    parser.add_argument("--profile", type=int, default=0, help="profiled forwards (0: none)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     unknown = set(args.engines) - set(ENGINES)
@@ -131,6 +157,10 @@ def main() -> None:
                 row["vs_fp32"] = statistics.median(paired)
             rows.append(row | extra[engine])
             print(f"{engine} batch {batch_size}: {row['images_per_s']:.2f} images/s", flush=True)
+    profiles = {}
+    if args.profile:
+        batch = images[torch.arange(max(args.batch_sizes)) % len(images)]
+        profiles = {e: profile_shares(m, batch, args.profile) for e, m in models.items()}
     report = {
         "artifact": args.artifact,
         "model": artifact.meta["model"],
@@ -141,6 +171,8 @@ def main() -> None:
         "machine": platform.machine(),
         "timing": "interleaved in one process; median forward time; vs_fp32 = median paired ratio",
         "rows": rows,
+        "profile_ms_per_forward": profiles,
+        "profile_batch_size": max(args.batch_sizes) if profiles else None,
     }
     atomic_write_json(args.out, report)
     print(f"\nthreads = {args.threads}, torch {torch.__version__}, bits {artifact.meta['bits']}\n")
@@ -153,6 +185,14 @@ def main() -> None:
             f"| {row['engine']} | {row['batch_size']} | {row['images_per_s']:.2f} "
             f"| {1000 / row['images_per_s']:.1f} | {ratio} | {top} |"
         )
+    if profiles:
+        print(f"\nprofile, batch {max(args.batch_sizes)}: self CPU ms per forward (share)\n")
+        print("| engine | " + " | ".join(next(iter(profiles.values()))) + " | total |")
+        print("|---|" + "---|" * (len(next(iter(profiles.values()))) + 1))
+        for engine, parts in profiles.items():
+            total = sum(parts.values())
+            cells = " | ".join(f"{ms:.0f} ({ms / total:.0%})" for ms in parts.values())
+            print(f"| {engine} | {cells} | {total:.0f} |")
 
 
 if __name__ == "__main__":
