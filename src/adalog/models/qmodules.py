@@ -75,6 +75,13 @@ class QuantConv2d(QuantModule):
     def quantized_weight(self) -> Tensor:
         return self.weight_quant(self.weight)
 
+    def input_patches(self, x: Tensor) -> Tensor:
+        """The receptive fields the weight rows multiply, ``(B·L, C·kh·kw)`` (ungrouped conv):
+        the conv as a linear layer, for searches and Gram matrices."""
+        kernel = self.weight.shape[-2:]
+        patches = F.unfold(x, kernel, self.dilation, self.padding, self.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
         if self.quant_enabled:

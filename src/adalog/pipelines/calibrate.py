@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -234,9 +233,7 @@ def _calibrate_target(
                 calibrate_matmul_av(a, b, module.a_quant, module.b_quant, settings)
         elif isinstance(module, QuantConv2d):
             x, y = _cat(chunks, 0), _cat(chunks, None)
-            kernel = module.weight.shape[-2:]
-            patches = F.unfold(x, kernel, module.dilation, module.padding, module.stride)
-            patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            patches = module.input_patches(x)
             y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
             calibrate_conv_weight(
                 patches, y, module.weight, module.bias, module.weight_quant, settings

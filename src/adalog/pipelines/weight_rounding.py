@@ -12,7 +12,6 @@ reconstruction).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -27,9 +26,7 @@ def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     """What the quantized layer multiplies by its weight: quantized inputs (linear) or the
     unfolded patches (conv), as ``(T, I)``."""
     if isinstance(module, QuantConv2d):
-        kernel = module.weight.shape[-2:]
-        patches = F.unfold(x, kernel, module.dilation, module.padding, module.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        return module.input_patches(x)
     quant = module.input_quant
     if quant is not None and not getattr(quant, "is_identity", False):
         x = quant(x)
