@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from adalog.config import AdaLogConfig
 from adalog.io import atomic_write_json
-from adalog.models.qmodules import set_quant_mode
+from adalog.models.qmodules import set_quant_mode, snap_weights_to_grid
 from adalog.pipelines.calibrate import (
     GPTQ_CROP_SCALE_MIN,
     fold_post_gelu_shift,
@@ -166,9 +166,11 @@ def main() -> None:
 
 
 def _full_eval(models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
-    """Top-1/top-5 on all of dev-rest in float32 and float64."""
+    """Top-1/top-5 on all of dev-rest in float32 and float64 (weights snapped onto their
+    float32 grid first, as ``adalog eval --dtype float64`` does: the exported codes)."""
     out = {}
     for name, model in models.items():
+        snap_weights_to_grid(model)
         loader = build_eval_loader(model, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
         out[name] = {}
         for dtype in (torch.float32, torch.float64):
