@@ -4,21 +4,37 @@ Reports how many tensors are bit-identical and, for the others, the largest rela
 and how many elements differ; quantizer parameters (scales, zero points, q) decide the model, so
 they are listed first. Prints a Markdown table, writes JSON.
 
+``--eval`` also scores both models on dev-rest. A 4-bit model's top-1 moves by a point or two
+under float rounding alone (RESULTS.md, "Float32 noise floor"), so one float32 top-1 each cannot
+resolve a 0.3-point difference: each model is evaluated in float32 with the images scaled by 1
+and 1 ± 1e-7 and in float64 (weights snapped onto their float32 grid), and the table gives
+every top-1, their mean, the mean KL divergence from the FP model and the share of images on
+which the two models agree.
+
 Example (issue 5: the fast engine against the straightforward one):
     python benchmarks/compare_checkpoints.py runs/w4a4_refcalib runs/w4a4_refcalib_naive \
-        --out benchmarks/logs/compare_fast_naive_w4a4.json
+        --eval --out benchmarks/logs/compare_fast_naive_w4a4.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from adalog.io import atomic_write_json
 from adalog.models import read_state_dict
-from adalog.pipelines.checkpoint import WEIGHTS_FILE
+from adalog.models.qmodules import set_quant_mode, snap_weights_to_grid
+from adalog.pipelines.checkpoint import WEIGHTS_FILE, load_quantized
+from adalog.pipelines.evaluate import build_eval_loader
+from adalog.pipelines.reconstruct import unfold_post_gelu_shift
+
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
+EPS = 1e-7
 
 
 def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
@@ -42,14 +58,71 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     return {"tensors": len(a), "identical": len(a) - len(differing), "differing": differing}
 
 
+def dev_rest_logits(model: nn.Module, loader, dtype: torch.dtype, scale: float = 1.0):
+    """float64 logits and labels of dev-rest, the model and images cast to ``dtype``."""
+    model = model.to(dtype)
+    logits, labels = [], []
+    with torch.no_grad():
+        for images, target, _ in loader:
+            logits.append(model(images.to(dtype) * scale).double())
+            labels.append(target)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate_pair(first: str, second: str) -> dict:
+    """Top-1 of both checkpoints under four float roundings, KL to FP, argmax agreement."""
+    models = {"first": load_quantized(first), "second": load_quantized(second)}
+    fp = copy.deepcopy(models["first"])
+    unfold_post_gelu_shift(fp)
+    set_quant_mode(fp, False)
+    loader = build_eval_loader(fp, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
+    fp_logits, labels = dev_rest_logits(fp, loader, torch.float32)
+    runs = {"fp32": (torch.float32, 1.0), f"fp32 x(1+{EPS:g})": (torch.float32, 1 + EPS)}
+    runs |= {f"fp32 x(1-{EPS:g})": (torch.float32, 1 - EPS), "fp64": (torch.float64, 1.0)}
+    result: dict = {"n": labels.numel(), "runs": list(runs)}
+    preds: dict[str, dict[str, Tensor]] = {}
+    for key, model in models.items():
+        top1, preds[key] = {}, {}
+        for run, (dtype, scale) in runs.items():
+            if dtype == torch.float64:
+                snap_weights_to_grid(model)
+            logits, _ = dev_rest_logits(model, loader, dtype, scale)
+            preds[key][run] = logits.argmax(-1)
+            top1[run] = float((preds[key][run] == labels).double().mean())
+            if run == "fp32":
+                kl = F.kl_div(logits.log_softmax(-1), fp_logits.log_softmax(-1),
+                              log_target=True, reduction="batchmean")  # fmt: skip
+                result[f"{key}_kl_to_fp"] = float(kl)
+        result[f"{key}_top1"] = top1 | {"mean": sum(top1.values()) / len(top1)}
+    result["same_argmax"] = {
+        run: float((preds["first"][run] == preds["second"][run]).double().mean()) for run in runs
+    }
+    return result
+
+
+def print_eval(result: dict) -> None:
+    runs = result["runs"]
+    print("\n| model | " + " | ".join(f"top-1 {r}" for r in runs) + " | mean | KL to FP |")
+    print("|---|" + "---|" * (len(runs) + 2))
+    for key in ("first", "second"):
+        top1 = result[f"{key}_top1"]
+        cells = " | ".join(f"{top1[r]:.4f}" for r in runs)
+        print(f"| {key} | {cells} | {top1['mean']:.4f} | {result[f'{key}_kl_to_fp']:.4f} |")
+    cells = " | ".join(f"{result['same_argmax'][r]:.1%}" for r in runs)
+    print(f"| same argmax | {cells} | | |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("first", help="quantized checkpoint folder")
     parser.add_argument("second", help="quantized checkpoint folder")
+    parser.add_argument("--eval", action="store_true", help="also score both on dev-rest")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     states = [read_state_dict(Path(d) / WEIGHTS_FILE) for d in (args.first, args.second)]
     result = {"first": args.first, "second": args.second} | compare(*states)
+    if args.eval:
+        result["eval"] = evaluate_pair(args.first, args.second)
     atomic_write_json(args.out, result)
     print(f"{result['identical']} of {result['tensors']} tensors bit-identical")
     quantizer_keys = ("scale", "zero_point", ".q", "s_pos", "s_neg")
@@ -63,6 +136,8 @@ def main() -> None:
         else:
             share = f"{info['elements_differing']} / {info['elements']}"
             print(f"| {key} | {share} | {info['max_relative']:.3g} |")
+    if "eval" in result:
+        print_eval(result["eval"])
 
 
 if __name__ == "__main__":

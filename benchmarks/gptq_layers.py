@@ -58,7 +58,7 @@ VARIANTS = [
 DEFAULT_RULE = "all:norm"
 
 
-def _dev_rest(model: nn.Module, n: int) -> tuple[Tensor, Tensor]:
+def dev_rest_head(model: nn.Module, n: int) -> tuple[Tensor, Tensor]:
     loader = build_eval_loader(model, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
     images, labels = [], []
     for batch in loader:
@@ -69,7 +69,7 @@ def _dev_rest(model: nn.Module, n: int) -> tuple[Tensor, Tensor]:
     return torch.cat(images)[:n], torch.cat(labels)[:n]
 
 
-def _logits(model: nn.Module, images: Tensor) -> Tensor:
+def batched_logits(model: nn.Module, images: Tensor) -> Tensor:
     with torch.no_grad():
         return torch.cat([model(images[i : i + 64]) for i in range(0, len(images), 64)])
 
@@ -82,6 +82,18 @@ def _select(model: nn.Module, layers: str) -> dict[str, nn.Module]:
     if layers == "all+head":
         return candidates
     return {name: m for name, m in candidates.items() if name.endswith(layers)}
+
+
+def score_logits(logits: Tensor, fp_logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """Mean KL(FP || Q), argmax agreement with FP, top-1."""
+    kl = F.kl_div(
+        logits.log_softmax(-1), fp_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    return {
+        "kl_to_fp": kl.item(),
+        "agree_with_fp": (logits.argmax(-1) == fp_logits.argmax(-1)).float().mean().item(),
+        "top1": (logits.argmax(-1) == labels).float().mean().item(),
+    }
 
 
 def main() -> None:
@@ -111,23 +123,14 @@ def main() -> None:
     else:
         calib = load_calibration_images(base, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
     views = augmented_views(calib, args.views, GPTQ_CROP_SCALE_MIN, True, config.seed)
-    images, labels = _dev_rest(base, args.images)
+    images, labels = dev_rest_head(base, args.images)
     fp = copy.deepcopy(base)
     unfold_post_gelu_shift(fp)
     set_quant_mode(fp, False)
-    fp_logits = _logits(fp, images)
+    fp_logits = batched_logits(fp, images)
 
     def score(model: nn.Module) -> dict:
-        logits = _logits(model, images)
-        kl = F.kl_div(
-            logits.log_softmax(-1), fp_logits.log_softmax(-1), log_target=True,
-            reduction="batchmean",
-        )  # fmt: skip
-        return {
-            "kl_to_fp": kl.item(),
-            "agree_with_fp": (logits.argmax(-1) == fp_logits.argmax(-1)).float().mean().item(),
-            "top1": (logits.argmax(-1) == labels).float().mean().item(),
-        }
+        return score_logits(batched_logits(model, images), fp_logits, labels)
 
     def rounded(variant: str) -> nn.Module:
         layers, gram = variant.split(":")
@@ -150,7 +153,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     result = {"qdir": args.qdir, "views": args.views, "damp": args.damp, "rows": rows}
     if args.full_eval:
-        result["dev_rest"] = _full_eval({"nearest": base, DEFAULT_RULE: rounded(DEFAULT_RULE)})
+        result["dev_rest"] = full_eval({"nearest": base, DEFAULT_RULE: rounded(DEFAULT_RULE)})
     atomic_write_json(args.out, result)
     print("| GPTQ on | token-normalised Gram | KL to FP | argmax = FP | top-1 |")
     print("|---|---|---|---|---|")
@@ -165,7 +168,7 @@ def main() -> None:
         print(f"dev-rest {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
 
-def _full_eval(models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+def full_eval(models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
     """Top-1/top-5 on all of dev-rest in float32 and float64 (weights snapped onto their
     float32 grid first, as ``adalog eval --dtype float64`` does: the exported codes)."""
     out = {}

@@ -1,0 +1,94 @@
+"""Bias correction after the fact: KL to FP and top-1 of a checkpoint with each correction mode.
+
+Starts from a calibrated checkpoint (nearest or GPTQ rounding), unfolds the post-GELU shift,
+applies :func:`adalog.pipelines.bias_correction.correct_biases` on seeded views of the
+calibration images (what ``bias_correction=MODE`` does at the end of calibration), folds the
+shift again and scores on the first ``--images`` dev-rest images (as ``gptq_layers.py``).
+``--full-eval`` also evaluates every variant on all of dev-rest in float32 and float64.
+
+Example:
+    python benchmarks/bias_correction.py runs/w4a4_refcalib_v2 --calib-tensor \\
+        ../shared/data/imagenet-sample/reference_calib32_vit_tiny.safetensors --full-eval \\
+        --out benchmarks/logs/bias_correction_w4a4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+from gptq_layers import SAMPLE, batched_logits, dev_rest_head, full_eval, score_logits
+from safetensors.torch import load_file
+
+from adalog.config import AdaLogConfig
+from adalog.io import atomic_write_json
+from adalog.models.qmodules import set_quant_mode
+from adalog.pipelines.bias_correction import correct_biases
+from adalog.pipelines.calibrate import (
+    GPTQ_CROP_SCALE_MIN,
+    fold_post_gelu_shift,
+    load_calibration_images,
+)
+from adalog.pipelines.checkpoint import load_quantized
+from adalog.pipelines.reconstruct import unfold_post_gelu_shift
+from adalog.recon.data import augmented_views
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("qdir", help="calibrated checkpoint")
+    parser.add_argument("--calib-tensor", help="safetensors with calibration inputs 'x'")
+    parser.add_argument("--modes", nargs="+", default=["layer", "network"])
+    parser.add_argument("--views", type=int, default=256)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--full-eval", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    base = load_quantized(args.qdir)
+    config = AdaLogConfig.from_dict(base.adalog_meta["config"])
+    if args.calib_tensor:
+        calib = load_file(args.calib_tensor)["x"]
+    else:
+        calib = load_calibration_images(base, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
+    views = augmented_views(calib, args.views, GPTQ_CROP_SCALE_MIN, True, config.seed)
+    images, labels = dev_rest_head(base, args.images)
+    fp = copy.deepcopy(base)
+    unfold_post_gelu_shift(fp)
+    set_quant_mode(fp, False)
+    fp_logits = batched_logits(fp, images)
+
+    models = {"none": base}
+    rows = [
+        {"mode": "none", "seconds": 0.0}
+        | score_logits(batched_logits(base, images), fp_logits, labels)
+    ]
+    for mode in args.modes:
+        model = load_quantized(args.qdir)
+        unfold_post_gelu_shift(model)
+        start = time.perf_counter()
+        correct_biases(model, views, mode, config.calib_batch_size, progress=True)
+        seconds = time.perf_counter() - start
+        fold_post_gelu_shift(model)
+        models[mode] = model
+        scores = score_logits(batched_logits(model, images), fp_logits, labels)
+        rows.append({"mode": mode, "seconds": seconds} | scores)
+        print(rows[-1], flush=True)
+    result = {"qdir": args.qdir, "views": args.views, "images": args.images, "rows": rows}
+    if args.full_eval:
+        result["dev_rest"] = full_eval(models)
+    atomic_write_json(args.out, result)
+    print("| bias correction | KL to FP | argmax = FP | top-1 | seconds |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['mode']} | {r['kl_to_fp']:.3f} | {r['agree_with_fp']:.3f} | {r['top1']:.3f} "
+            f"| {r['seconds']:.0f} |"
+        )
+    for name, scores in result.get("dev_rest", {}).items():
+        print(f"dev-rest {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+
+if __name__ == "__main__":
+    main()
