@@ -15,24 +15,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
-from gptq_layers import SAMPLE, batched_logits, dev_rest_head, full_eval, score_logits
-from safetensors.torch import load_file
+from gptq_layers import PosthocSetup, full_eval
 
-from adalog.config import AdaLogConfig
 from adalog.io import atomic_write_json
-from adalog.models.qmodules import set_quant_mode
 from adalog.pipelines.bias_correction import correct_biases
-from adalog.pipelines.calibrate import (
-    GPTQ_CROP_SCALE_MIN,
-    fold_post_gelu_shift,
-    load_calibration_images,
-)
+from adalog.pipelines.calibrate import fold_post_gelu_shift
 from adalog.pipelines.checkpoint import load_quantized
 from adalog.pipelines.reconstruct import unfold_post_gelu_shift
-from adalog.recon.data import augmented_views
 
 
 def main() -> None:
@@ -46,34 +37,20 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    base = load_quantized(args.qdir)
-    config = AdaLogConfig.from_dict(base.adalog_meta["config"])
-    if args.calib_tensor:
-        calib = load_file(args.calib_tensor)["x"]
-    else:
-        calib = load_calibration_images(base, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
-    views = augmented_views(calib, args.views, GPTQ_CROP_SCALE_MIN, True, config.seed)
-    images, labels = dev_rest_head(base, args.images)
-    fp = copy.deepcopy(base)
-    unfold_post_gelu_shift(fp)
-    set_quant_mode(fp, False)
-    fp_logits = batched_logits(fp, images)
+    setup = PosthocSetup.load(args.qdir, args.calib_tensor, args.views, args.images)
+    base, config = setup.base, setup.config
 
     models = {"none": base}
-    rows = [
-        {"mode": "none", "seconds": 0.0}
-        | score_logits(batched_logits(base, images), fp_logits, labels)
-    ]
+    rows = [{"mode": "none", "seconds": 0.0} | setup.score(base)]
     for mode in args.modes:
         model = load_quantized(args.qdir)
         unfold_post_gelu_shift(model)
         start = time.perf_counter()
-        correct_biases(model, views, mode, config.calib_batch_size, progress=True)
+        correct_biases(model, setup.views, mode, config.calib_batch_size, progress=True)
         seconds = time.perf_counter() - start
         fold_post_gelu_shift(model)
         models[mode] = model
-        scores = score_logits(batched_logits(model, images), fp_logits, labels)
-        rows.append({"mode": mode, "seconds": seconds} | scores)
+        rows.append({"mode": mode, "seconds": seconds} | setup.score(model))
         print(rows[-1], flush=True)
     result = {"qdir": args.qdir, "views": args.views, "images": args.images, "rows": rows}
     if args.full_eval:

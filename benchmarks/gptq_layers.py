@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,6 +85,37 @@ def _select(model: nn.Module, layers: str) -> dict[str, nn.Module]:
     return {name: m for name, m in candidates.items() if name.endswith(layers)}
 
 
+@dataclass
+class PosthocSetup:
+    """A checkpoint, the seeded calibration views an after-the-fact pass uses, and the first
+    dev-rest images with their labels and the FP model's logits, for scoring variants."""
+
+    base: nn.Module
+    config: AdaLogConfig
+    views: Tensor
+    images: Tensor
+    labels: Tensor
+    fp_logits: Tensor
+
+    @classmethod
+    def load(cls, qdir: str, calib_tensor: str | None, n_views: int, n_images: int):
+        base = load_quantized(qdir)
+        config = AdaLogConfig.from_dict(base.adalog_meta["config"])
+        if calib_tensor:
+            calib = load_file(calib_tensor)["x"]
+        else:
+            calib = load_calibration_images(base, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
+        views = augmented_views(calib, n_views, GPTQ_CROP_SCALE_MIN, True, config.seed)
+        images, labels = dev_rest_head(base, n_images)
+        fp = copy.deepcopy(base)
+        unfold_post_gelu_shift(fp)
+        set_quant_mode(fp, False)
+        return cls(base, config, views, images, labels, batched_logits(fp, images))
+
+    def score(self, model: nn.Module) -> dict[str, float]:
+        return score_logits(batched_logits(model, self.images), self.fp_logits, self.labels)
+
+
 def score_logits(logits: Tensor, fp_logits: Tensor, labels: Tensor) -> dict[str, float]:
     """Mean KL(FP || Q), argmax agreement with FP, top-1."""
     kl = F.kl_div(
@@ -116,21 +148,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    base = load_quantized(args.qdir)
-    config = AdaLogConfig.from_dict(base.adalog_meta["config"])
-    if args.calib_tensor:
-        calib = load_file(args.calib_tensor)["x"]
-    else:
-        calib = load_calibration_images(base, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
-    views = augmented_views(calib, args.views, GPTQ_CROP_SCALE_MIN, True, config.seed)
-    images, labels = dev_rest_head(base, args.images)
-    fp = copy.deepcopy(base)
-    unfold_post_gelu_shift(fp)
-    set_quant_mode(fp, False)
-    fp_logits = batched_logits(fp, images)
-
-    def score(model: nn.Module) -> dict:
-        return score_logits(batched_logits(model, images), fp_logits, labels)
+    setup = PosthocSetup.load(args.qdir, args.calib_tensor, args.views, args.images)
+    base, views, score = setup.base, setup.views, setup.score
 
     def rounded(variant: str) -> nn.Module:
         layers, gram = variant.split(":")

@@ -23,16 +23,13 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from adalog.models.hooks import StopForward, forward_batches, forward_hooks
 from adalog.models.qmodules import QuantConv2d, QuantLinear, set_quant_mode
 
 __all__ = ["BIAS_CORRECTION_MODES", "correct_biases", "correctable_layers"]
 
 BiasCorrection = Literal["none", "layer", "network"]
 BIAS_CORRECTION_MODES: tuple[str, ...] = ("none", "layer", "network")
-
-
-class _Stop(Exception):
-    """Raised by a hook once the layer of interest has produced its output."""
 
 
 def correctable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -74,11 +71,6 @@ def _add_to_bias(module: nn.Module, delta: Tensor) -> None:
         module.bias.add_(delta.to(module.bias.dtype))
 
 
-def _batches(images: Tensor, batch_size: int):
-    for start in range(0, images.shape[0], batch_size):
-        yield images[start : start + batch_size]
-
-
 def _layer_own_error(
     model: nn.Module, layers: dict[str, nn.Module], images: Tensor, batch_size: int
 ) -> dict[str, Tensor]:
@@ -86,7 +78,7 @@ def _layer_own_error(
     acc = _MeanAccumulator()
     busy: set[str] = set()
 
-    def hook(module, inputs, output, name):
+    def hook(name, module, inputs, output):
         if name in busy:  # the quantized re-run below fires this hook again
             return
         busy.add(name)
@@ -98,18 +90,9 @@ def _layer_own_error(
             busy.discard(name)
         acc.add(name, output - quantized, isinstance(module, QuantConv2d))
 
-    handles = [
-        m.register_forward_hook(lambda mod, i, o, n=name: hook(mod, i, o, n))
-        for name, m in layers.items()
-    ]
     set_quant_mode(model, False)
-    try:
-        with torch.no_grad():
-            for batch in _batches(images, batch_size):
-                model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(layers, hook):
+        forward_batches(model, images, batch_size)
     return {name: acc.mean(name) for name in layers}
 
 
@@ -121,25 +104,13 @@ def _output_means(
     acc = _MeanAccumulator()
     last = list(layers)[-1]
 
-    def hook(module, _inputs, output, name):
+    def hook(name, module, _inputs, output):
         acc.add(name, output, isinstance(module, QuantConv2d))
         if name == last:
-            raise _Stop
+            raise StopForward
 
-    handles = [
-        m.register_forward_hook(lambda mod, i, o, n=name: hook(mod, i, o, n))
-        for name, m in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            for batch in _batches(images, batch_size):
-                try:
-                    model(batch)
-                except _Stop:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(layers, hook):
+        forward_batches(model, images, batch_size)
     return {name: acc.mean(name) for name in layers}
 
 

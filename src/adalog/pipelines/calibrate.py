@@ -7,8 +7,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from adalog.config import AdaLogConfig
 from adalog.data import LabeledImageFolder, calibration_transform, scan_image_folder
 from adalog.errors import DataError
+from adalog.models.hooks import StopForward, forward_batches, forward_hooks
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
 from adalog.models.wrap import Target, wrap_model
 from adalog.pipelines.checkpoint import (
@@ -68,38 +68,18 @@ def load_calibration_images(
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-class _StopForward(Exception):
-    """Raised by a capture hook once the block of interest has run."""
-
-
-@contextmanager
-def _capture(targets: list[Target], stop_after: nn.Module) -> Iterator[dict[str, list]]:
-    """Record every target's inputs (and linear/conv outputs) during forward passes."""
-    records: dict[str, list] = {t.name: [] for t in targets}
-    handles = []
-    for target in targets:
-
-        def hook(module, inputs, output, name=target.name):
-            keep_output = not isinstance(module, QuantMatMul)
-            records[name].append((inputs, output if keep_output else None))
-            if module is stop_after:
-                raise _StopForward
-
-        handles.append(target.module.register_forward_hook(hook))
-    try:
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _run_capture(model: nn.Module, images: Tensor, batch_size: int, targets, stop_after):
-    with _capture(targets, stop_after) as records, torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            try:
-                model(images[start : start + batch_size])
-            except _StopForward:
-                pass
+    """Every target's inputs (and linear/conv outputs), up to ``stop_after``."""
+    records: dict[str, list] = {t.name: [] for t in targets}
+
+    def hook(name, module, inputs, output):
+        keep_output = not isinstance(module, QuantMatMul)
+        records[name].append((inputs, output if keep_output else None))
+        if module is stop_after:
+            raise StopForward
+
+    with forward_hooks({t.name: t.module for t in targets}, hook):
+        forward_batches(model, images, batch_size)
     return records
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from adalog.models.hooks import forward_batches, forward_hooks
 from adalog.models.qmodules import QuantConv2d, QuantLinear, set_quant_mode
 from adalog.quant import asym_fake_quant
 from adalog.search.gptq import gptq_round, input_gram
@@ -58,23 +59,13 @@ def collect_input_grams(
     """``X̂ᵀX̂`` (float64) of each of ``layers`` over one FP pass of ``images``."""
     grams: dict[str, Tensor] = {}
 
-    def hook(module, inputs, _output, name):
+    def hook(name, module, inputs, _output):
         gram = input_gram(_layer_inputs(module, inputs[0]), normalize_tokens)
         grams[name] = gram if name not in grams else grams[name] + gram
 
-    handles = [
-        m.register_forward_hook(lambda mod, i, o, n=name: hook(mod, i, o, n))
-        for name, m in layers.items()
-    ]
     set_quant_mode(model, False)
-    try:
-        with torch.no_grad():
-            starts = range(0, images.shape[0], batch_size)
-            for start in tqdm(starts, desc="gptq: input grams", disable=not progress):
-                model(images[start : start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(layers, hook):
+        forward_batches(model, images, batch_size, "gptq: input grams", progress)
     return grams
 
 

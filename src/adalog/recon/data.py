@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adalog.errors import DataError
+from adalog.models.hooks import StopForward, run_forward
 
 
 def augmented_views(
@@ -68,10 +69,6 @@ class BlockData:
         return self.inputs.shape[0]
 
 
-class _Stop(Exception):
-    """Raised by a capture hook once the tensors of interest are recorded."""
-
-
 def capture_fp(
     fp_model: nn.Module,
     block_name: str,
@@ -90,7 +87,7 @@ def capture_fp(
         xs.append(inputs[0].detach())
         ys.append(output.detach())
         if fisher is None:
-            raise _Stop
+            raise StopForward
         leaf.append(output.detach().requires_grad_(True))
         return leaf[-1]
 
@@ -100,7 +97,7 @@ def capture_fp(
             batch = data[start : start + batch_size].to(device)
             if fisher is None:
                 with torch.no_grad():
-                    _run_until_stop(fp_model, batch)
+                    run_forward(fp_model, batch)
                 continue
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad(fisher(fp_model(batch)), leaf.pop())
@@ -118,20 +115,13 @@ def capture_inputs(model: nn.Module, block_name: str, data: Tensor, batch_size: 
 
     def pre_hook(module, inputs):
         xs.append(inputs[0].detach())
-        raise _Stop
+        raise StopForward
 
     handle = block.register_forward_pre_hook(pre_hook)
     try:
         with torch.no_grad():
             for start in range(0, data.shape[0], batch_size):
-                _run_until_stop(model, data[start : start + batch_size].to(device))
+                run_forward(model, data[start : start + batch_size].to(device))
     finally:
         handle.remove()
     return torch.cat(xs)
-
-
-def _run_until_stop(model: nn.Module, batch: Tensor) -> None:
-    try:
-        model(batch)
-    except _Stop:
-        pass
