@@ -94,3 +94,23 @@ def test_unsupported_family_names_supported_ones():
     model = timm.create_model("resnet18", pretrained=False)
     with pytest.raises(UnsupportedModelError, match="vit, deit, swin"):
         model_family(model)
+
+
+def test_forward_hooks_see_every_batch_and_stop_forward_skips_the_rest():
+    from adalog.models.hooks import StopForward, forward_batches, forward_hooks
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    seen: list[tuple[str, int]] = []
+
+    def hook(name, module, inputs, output):
+        seen.append((name, output.shape[0]))
+        if name == "first":
+            raise StopForward
+
+    layers = {"first": model[0], "last": model[2]}
+    with forward_hooks(layers, hook):
+        forward_batches(model, torch.randn(5, 4), batch_size=2)
+    assert seen == [("first", 2), ("first", 2), ("first", 1)]  # "last" never ran
+    seen.clear()
+    model(torch.randn(1, 4))  # the hooks are gone after the block
+    assert seen == []
