@@ -1,4 +1,4 @@
-"""Bias correction of a calibrated model (``bias_correction``, beyond the reference).
+"""Bias correction of a calibrated model (beyond the reference; measured, not a config option).
 
 Quantization errors are not zero-mean: a clipped input or a row of weights rounded mostly one
 way shifts a layer's outputs on average, and the next LayerNorm does not remove a per-channel
@@ -12,7 +12,9 @@ channel, averaged over the calibration views' tokens), which removes that shift:
   and its mean output is matched to the FP model's. Costs one partial pass per layer.
 
 Runs on a model whose raw mode is its FP model (post-GELU shift not folded yet); the biases it
-changes are FP tensors, so checkpoints and exports need nothing new.
+changes are FP tensors, so checkpoints and exports need nothing new. On the W4A4 ViT-Tiny the
+``layer`` mode barely moved the KL to FP and ``network`` made it worse
+(``benchmarks/bias_correction.py``, RESULTS.md), so calibration does not call this.
 """
 
 from __future__ import annotations
