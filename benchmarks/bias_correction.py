@@ -2,8 +2,8 @@
 
 Starts from a calibrated checkpoint (nearest or GPTQ rounding), unfolds the post-GELU shift,
 applies :func:`adalog.pipelines.bias_correction.correct_biases` on seeded views of the
-calibration images (what ``bias_correction=MODE`` does at the end of calibration), folds the
-shift again and scores on the first ``--images`` dev-rest images (as ``gptq_layers.py``).
+calibration images, folds the shift again and scores on the first ``--images`` dev-rest images
+(as ``gptq_layers.py``).
 ``--full-eval`` also evaluates every variant on all of dev-rest in float32 and float64.
 
 Example:

@@ -23,7 +23,7 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from gptq_layers import score_logits
 from torch import Tensor, nn
 
 from adalog.io import atomic_write_json
@@ -90,9 +90,8 @@ def evaluate_pair(first: str, second: str) -> dict:
             preds[key][run] = logits.argmax(-1)
             top1[run] = float((preds[key][run] == labels).double().mean())
             if run == "fp32":
-                kl = F.kl_div(logits.log_softmax(-1), fp_logits.log_softmax(-1),
-                              log_target=True, reduction="batchmean")  # fmt: skip
-                result[f"{key}_kl_to_fp"] = float(kl)
+                scores = score_logits(logits, fp_logits, labels)
+                result[f"{key}_kl_to_fp"] = scores["kl_to_fp"]
         result[f"{key}_top1"] = top1 | {"mean": sum(top1.values()) / len(top1)}
     result["same_argmax"] = {
         run: float((preds["first"][run] == preds["second"][run]).double().mean()) for run in runs

@@ -26,7 +26,24 @@ class QuantModule(nn.Module):
         self.quant_enabled = enabled
 
 
-class QuantLinear(QuantModule):
+class _WeightQuantModule(QuantModule):
+    """What the linear and conv stand-ins share: a weight, its quantizer, an optional bias."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_quant: UniformQuantizer
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quant(self.weight)
+
+    def ensure_bias(self) -> Tensor:
+        """Give a bias-free layer (e.g. Swin ``reduction``) a zero bias so folds have a target."""
+        if self.bias is None:
+            self.bias = nn.Parameter(self.weight.new_zeros(self.weight.shape[0]))
+        return self.bias
+
+
+class QuantLinear(_WeightQuantModule):
     """Linear with a per-output-row uniform weight quantizer and an optional input quantizer."""
 
     def __init__(self, linear: nn.Linear, w_bits: int, input_quant: nn.Module | None) -> None:
@@ -37,9 +54,6 @@ class QuantLinear(QuantModule):
         self.weight_quant = UniformQuantizer(w_bits, (self.out_features, 1))
         self.input_quant = input_quant
 
-    def quantized_weight(self) -> Tensor:
-        return self.weight_quant(self.weight)
-
     def forward(self, x: Tensor) -> Tensor:
         if not self.quant_enabled:
             return F.linear(x, self.weight, self.bias)
@@ -47,17 +61,11 @@ class QuantLinear(QuantModule):
             x = self.input_quant(x)
         return F.linear(x, self.quantized_weight(), self.bias)
 
-    def ensure_bias(self) -> Tensor:
-        """Give a bias-free layer (Swin ``reduction``) a zero bias so folds have a target."""
-        if self.bias is None:
-            self.bias = nn.Parameter(self.weight.new_zeros(self.out_features))
-        return self.bias
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
-class QuantConv2d(QuantModule):
+class QuantConv2d(_WeightQuantModule):
     """Patch-embedding conv: per-output-channel weight quantizer; the image input stays FP
     unless ``input_quant`` is given (§10.1)."""
 
@@ -71,9 +79,6 @@ class QuantConv2d(QuantModule):
         self.dilation, self.groups = conv.dilation, conv.groups
         self.weight_quant = UniformQuantizer(w_bits, (conv.out_channels, 1, 1, 1))
         self.input_quant = input_quant
-
-    def quantized_weight(self) -> Tensor:
-        return self.weight_quant(self.weight)
 
     def input_patches(self, x: Tensor) -> Tensor:
         """The receptive fields the weight rows multiply, ``(B·L, C·kh·kw)`` (ungrouped conv):

@@ -30,8 +30,8 @@ from adalog.models.qmodules import QuantConv2d, QuantLinear, set_quant_mode
 
 __all__ = ["BIAS_CORRECTION_MODES", "correct_biases", "correctable_layers"]
 
-BiasCorrection = Literal["none", "layer", "network"]
-BIAS_CORRECTION_MODES: tuple[str, ...] = ("none", "layer", "network")
+BiasCorrection = Literal["layer", "network"]
+BIAS_CORRECTION_MODES: tuple[str, ...] = ("layer", "network")
 
 
 def correctable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -66,11 +66,10 @@ class _MeanAccumulator:
         return self.sums[name] / self.counts[name]
 
 
-def _add_to_bias(module: nn.Module, delta: Tensor) -> None:
+def _add_to_bias(module: QuantLinear | QuantConv2d, delta: Tensor) -> None:
     with torch.no_grad():
-        if module.bias is None:
-            module.bias = nn.Parameter(module.weight.new_zeros(module.weight.shape[0]))
-        module.bias.add_(delta.to(module.bias.dtype))
+        bias = module.ensure_bias()
+        bias.add_(delta.to(bias.dtype))
 
 
 def _layer_own_error(
@@ -131,12 +130,12 @@ def correct_biases(
         raise ValueError(f"bias correction {mode!r}: expected one of {BIAS_CORRECTION_MODES}")
     model.eval()
     layers = correctable_layers(model) if layers is None else layers
-    corrections: dict[str, Tensor] = {}
     if mode == "layer":
         corrections = _layer_own_error(model, layers, images, batch_size)
         for name, delta in corrections.items():
             _add_to_bias(layers[name], delta)
-    elif mode == "network":
+    else:  # network
+        corrections: dict[str, Tensor] = {}
         set_quant_mode(model, False)
         fp_means = _output_means(model, layers, images, batch_size)
         set_quant_mode(model, True)
