@@ -323,6 +323,7 @@ def test_same_seed_is_deterministic_and_seed_matters(calibrated, reconstructed):
         {"loss": "fisher"},
         {"loss": "token_norm"},
         {"hflip": False},
+        {"train_bias_norm": True},
     ],
 )
 def test_option_switches_change_the_result(calibrated, reconstructed, overrides):
@@ -346,6 +347,28 @@ def test_frozen_parts_stay_frozen(calibrated):
     config = TINY.with_overrides(train_weights=False, iterations=10)
     no_weights = adalog.reconstruct(copy.deepcopy(model), images, config, progress=False)
     assert torch.equal(no_weights.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_bias_norm_training_alone_lowers_every_unit_loss(calibrated):
+    """With weights and scales frozen, training only the float biases and LayerNorm affines
+    changes exactly those tensors and lowers the probe loss of the blocks and the head (the
+    patch embedding has only its conv bias, which the crops barely constrain)."""
+    model, images, _ = calibrated
+    stats: dict = {}
+    config = TINY.with_overrides(
+        train_weights=False, train_act=False, train_bias_norm=True, bias_norm_lr=1e-3
+    )
+    out = adalog.reconstruct(copy.deepcopy(model), images, config, progress=False, stats=stats)
+    ratios = {name: v["probe_after"] / v["probe_before"] for name, v in stats.items()}
+    assert ratios["blocks.0"] < 0.95 and ratios["blocks.1"] < 1 and ratios["head"] < 0.9, ratios
+    calib, recon = _state(model), _state(out)
+    changed = {k for k in calib if not torch.equal(calib[k], recon[k])}
+    trained = ("bias", "norm1.weight", "norm2.weight")
+    assert {"blocks.0.norm1.weight", "blocks.1.mlp.fc2.bias", "head.bias"} <= changed
+    assert all(k.endswith(trained) for k in changed), changed - {
+        k for k in changed if k.endswith(trained)
+    }
+    assert all(p.requires_grad for p in out.parameters())
 
 
 def test_reconstruct_refuses_uncalibrated_models():

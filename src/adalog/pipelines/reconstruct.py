@@ -191,9 +191,14 @@ def _train_block(
     before = _probe_error(block, data, config, head)
     calibrated = {k: v.detach().clone() for k, v in block.state_dict().items()}
     state = prepare_block(
-        block, config.train_weights, config.train_act, config.drop_prob, gens.device
+        block,
+        config.train_weights,
+        config.train_act,
+        config.drop_prob,
+        gens.device,
+        config.train_bias_norm,
     )
-    optimizers, scheduler = _optimizers(state, config)
+    optimizers, schedulers = _optimizers(state, config)
     first = None
     bar.set_description(f"reconstruct {name}")
     try:
@@ -212,7 +217,7 @@ def _train_block(
                 loss.backward()
                 for opt in optimizers:
                     opt.step()
-                if scheduler is not None:
+                for scheduler in schedulers:
                     scheduler.step()
                 state.clamp_scales()
             bar.update()
@@ -246,15 +251,19 @@ def _probe_error(block: nn.Module, data: BlockData, config: ReconstructConfig, h
 
 
 def _optimizers(state: BlockTraining, config: ReconstructConfig):
-    """Adam on the AdaRound logits (constant lr) and on the activation scales (cosine to 0)."""
-    optimizers, scheduler = [], None
+    """Adam on the AdaRound logits (constant lr), on the activation scales and on the float
+    biases/LayerNorms (both cosine to 0)."""
+    optimizers, schedulers = [], []
     if state.alphas:
         optimizers.append(torch.optim.Adam(state.alphas, lr=config.weight_lr))
-    if state.scales:
-        act = torch.optim.Adam(state.scales, lr=config.act_lr)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(act, T_max=config.iterations)
-        optimizers.append(act)
-    return optimizers, scheduler
+    for params, lr in ((state.scales, config.act_lr), (state.floats, config.bias_norm_lr)):
+        if params:
+            opt = torch.optim.Adam(params, lr=lr)
+            schedulers.append(
+                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iterations)
+            )
+            optimizers.append(opt)
+    return optimizers, schedulers
 
 
 def _batch(

@@ -69,6 +69,7 @@ class BlockTraining:
     adarounds: list[tuple[QuantModule, UniformQuantizer, AdaRoundQuantizer]]
     slots: list[tuple[nn.Module, str, nn.Module]]
     scales: list[Tensor]
+    floats: list[nn.Parameter]
 
     @property
     def alphas(self) -> list[Tensor]:
@@ -92,9 +93,9 @@ class BlockTraining:
         for module, attr, quant in self.slots:
             setattr(module, attr, quant)
             quant.eval()
-        for scale in self.scales:
-            scale.requires_grad_(False)
-            scale.grad = None
+        for tensor in self.scales + self.floats:
+            tensor.requires_grad_(False)
+            tensor.grad = None
 
 
 def prepare_block(
@@ -103,10 +104,12 @@ def prepare_block(
     train_act: bool,
     drop_prob: float,
     generator: torch.Generator | None,
+    train_bias_norm: bool = False,
 ) -> BlockTraining:
     """Attach AdaRound (soft) to every weight quantizer and a training-mode stand-in (fused
     STE, AdaLog exact power, optional QDrop) to every activation quantizer; mark the scales
-    trainable when ``train_act``."""
+    trainable when ``train_act``, the float biases and LayerNorm affines when
+    ``train_bias_norm``."""
     adarounds = []
     if train_weights:
         for module in block.modules():
@@ -123,6 +126,19 @@ def prepare_block(
         slots.append((module, attr, quant))
         if train_act:
             scales += trainable_scales(quant)
-    for scale in scales:
-        scale.requires_grad_(True)
-    return BlockTraining(adarounds, slots, scales)
+    floats = bias_and_norm_parameters(block) if train_bias_norm else []
+    for tensor in scales + floats:
+        tensor.requires_grad_(True)
+    return BlockTraining(adarounds, slots, scales, floats)
+
+
+def bias_and_norm_parameters(block: nn.Module) -> list[nn.Parameter]:
+    """The block's quantized-layer biases and LayerNorm weights and biases: parameters that
+    stay float in the quantized model (and in the integer export)."""
+    params = []
+    for module in block.modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)) and module.bias is not None:
+            params.append(module.bias)
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            params += [p for p in (module.weight, module.bias) if p is not None]
+    return params

@@ -25,7 +25,10 @@ class ReconstructConfig(SerialisableConfig):
     token's error by the token's FP variance, as the next LayerNorm does;
     ``keep_if_worse=False`` reverts a unit to its calibrated state when, after hard rounding,
     its loss on the first ``batch_size`` unaugmented views (no QDrop) is higher than before
-    training (the reference keeps every result). The data are
+    training (the reference keeps every result); ``train_bias_norm=True`` also trains the
+    unit's biases and LayerNorm affine parameters (they stay float, so any value is exact and
+    exportable) with Adam at ``bias_norm_lr``, cosine-annealed (the reference freezes them).
+    The data are
     ``data_size`` seeded views (crops, flips) of the calibration images: the originals first,
     then random crops.
     """
@@ -50,6 +53,8 @@ class ReconstructConfig(SerialisableConfig):
     drop_prob: float = 0.0
     loss: str = "mse"
     keep_if_worse: bool = True
+    train_bias_norm: bool = False
+    bias_norm_lr: float = 1e-4
     seed: int = 5
 
     def __post_init__(self) -> None:
@@ -57,7 +62,8 @@ class ReconstructConfig(SerialisableConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("weight_lr", "act_lr", "round_reg", "beta_start", "beta_end", "rec_weight"):
+        rates = ("weight_lr", "act_lr", "bias_norm_lr")
+        for name in rates + ("round_reg", "beta_start", "beta_end", "rec_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         _check_unit("warmup", self.warmup, closed=True)
