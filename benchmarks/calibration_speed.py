@@ -45,6 +45,14 @@ def module_kind(name: str) -> str:
     return re.sub(r"^(layers\.\d+\.)?(blocks\.\d+\.)?", "", name)
 
 
+def seconds_by_kind(timings: dict[str, float]) -> dict[str, float]:
+    """Calibration seconds summed per module kind (``attn.qkv``, ``mlp.fc2``, ``capture``...)."""
+    by_kind: dict[str, float] = defaultdict(float)
+    for module, seconds in timings.items():
+        by_kind[module_kind(module)] += seconds
+    return dict(by_kind)
+
+
 def _calibration_images(name: str, n_images: int) -> tuple[torch.Tensor, str]:
     if name == VIT_TINY and REFERENCE_CALIB.exists():
         return load_file(REFERENCE_CALIB)["x"][:n_images], "reference calib32 tensors"
@@ -75,9 +83,6 @@ def _run_one(name: str, config_dict: dict, n_images: int, n_blocks: int | None, 
     start = time.perf_counter()
     calibrate(model, images, config, timings=timings)
     total = time.perf_counter() - start
-    by_kind: dict[str, float] = defaultdict(float)
-    for module, seconds in timings.items():
-        by_kind[module_kind(module)] += seconds
     queue.put(
         {
             "model": name if n_blocks is None else f"{name} (first {n_blocks} blocks)",
@@ -85,7 +90,7 @@ def _run_one(name: str, config_dict: dict, n_images: int, n_blocks: int | None, 
             "images": f"{images.shape[0]} {image_source}",
             "calib_seconds": total,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "seconds_by_kind": dict(by_kind),
+            "seconds_by_kind": seconds_by_kind(timings),
             "seconds_by_module": timings,
         }
     )

@@ -13,6 +13,7 @@ import resource
 import time
 from pathlib import Path
 
+from calibration_speed import seconds_by_kind
 from safetensors.torch import load_file
 
 from adalog.config import AdaLogConfig
@@ -55,8 +56,9 @@ def main() -> None:
         images = load_file(args.calib_tensor)["x"]
     else:
         images = load_calibration_images(model, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
+    timings: dict[str, float] = {}
     start = time.perf_counter()
-    calibrate(model, images, config, resume_dir=args.resume)
+    calibrate(model, images, config, resume_dir=args.resume, timings=timings)
     calib_seconds = time.perf_counter() - start  # of this process only, when resumed
     if args.save:
         save_quantized(model, args.save)
@@ -68,6 +70,7 @@ def main() -> None:
         "calib_seconds": calib_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "calib_source": args.calib_tensor or "calib32.txt",
+        "seconds_by_kind": seconds_by_kind(timings),
     }
     atomic_write_json(args.out, row)
     print(
