@@ -371,6 +371,34 @@ def test_bias_norm_training_alone_lowers_every_unit_loss(calibrated):
     assert all(p.requires_grad for p in out.parameters())
 
 
+def test_network_stage_lowers_logit_kl_and_trains_only_float_parts(calibrated):
+    """``network_iterations`` alone (no block stage): activation scales, biases and LayerNorm
+    affines move, weights, zero points and q do not, and the KL to the FP logits falls on the
+    training views and on held-out images."""
+    model, images, fp = calibrated
+    stats: dict = {}
+    config = TINY.with_overrides(
+        iterations=0, network_iterations=40, act_lr=1e-3, bias_norm_lr=1e-3
+    )
+    out = adalog.reconstruct(copy.deepcopy(model), images, config, progress=False, stats=stats)
+    assert list(stats) == ["network"]
+    assert stats["network"]["probe_after"] < 0.8 * stats["network"]["probe_before"], stats
+    calib, recon = _state(model), _state(out)
+    changed = {k for k in calib if not torch.equal(calib[k], recon[k])}
+    assert {"blocks.0.attn.qkv.input_quant.scale", "norm.weight", "head.bias"} <= changed
+    trained = ("scale", "bias", "norm1.weight", "norm2.weight", "norm.weight")
+    assert all(k.endswith(trained) for k in changed), changed
+    held_out = _images(8, seed=7)
+    with torch.no_grad():
+        p_fp = fp(held_out).softmax(-1)
+        kl = [
+            F.kl_div(m(held_out).log_softmax(-1), p_fp, reduction="batchmean") for m in (model, out)
+        ]
+    assert kl[1] < kl[0], kl
+    assert all(p.requires_grad for p in out.parameters())
+    assert not any(isinstance(m, TrainingQuantizer) for m in out.modules())
+
+
 def test_reconstruct_refuses_uncalibrated_models():
     with pytest.raises(ConfigError, match="calibrated"):
         adalog.reconstruct(_fp_model(), _images(), TINY, progress=False)

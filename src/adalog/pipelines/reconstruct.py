@@ -67,15 +67,20 @@ def reconstruct(
     data = augmented_views(
         images, config.data_size, config.crop_scale_min, config.hflip, config.seed
     )
-    names = reconstruction_blocks(model)
+    names = reconstruction_blocks(model) if config.iterations > 0 else []
     gens = _Generators(config.seed, device)
-    bar = tqdm(total=len(names) * config.iterations, desc="reconstruct", disable=not progress)
+    total = len(names) * config.iterations + config.network_iterations
+    bar = tqdm(total=total, desc="reconstruct", disable=not progress)
     try:
         for name in names:
             start = time.perf_counter()
             block_data = _block_data(model, fp_model, name, data, config, gens)
             losses = _train_block(model, name, block_data, config, gens, bar)
             stats[name] = {"seconds": time.perf_counter() - start} | losses
+        if config.network_iterations > 0:
+            start = time.perf_counter()
+            losses = _train_network(model, fp_model, data, config, gens, bar)
+            stats["network"] = {"seconds": time.perf_counter() - start} | losses
     finally:
         bar.close()
         for param, flag in grad_flags.items():
@@ -198,7 +203,7 @@ def _train_block(
         gens.device,
         config.train_bias_norm,
     )
-    optimizers, schedulers = _optimizers(state, config)
+    optimizers, schedulers = _optimizers(state, config, config.iterations)
     first = None
     bar.set_description(f"reconstruct {name}")
     try:
@@ -240,6 +245,68 @@ def _train_block(
     }
 
 
+def _train_network(
+    model: nn.Module,
+    fp_model: nn.Module,
+    data: Tensor,
+    config: ReconstructConfig,
+    gens: _Generators,
+    bar: tqdm,
+) -> dict[str, float]:
+    """End-to-end stage: activation scales, biases and LayerNorm affines of the whole model
+    trained on ``KL(softmax(y_FP) ‖ softmax(ŷ))`` of the logits, weights as they are."""
+    with torch.no_grad():
+        targets = torch.cat(
+            [
+                fp_model(data[i : i + config.batch_size])
+                for i in range(0, len(data), config.batch_size)
+            ]
+        )
+    probe = min(config.batch_size, len(data))
+
+    def probe_loss() -> float:
+        with torch.no_grad():
+            return float(reconstruction_loss(model(data[:probe]), targets[:probe], True, 1.0))
+
+    before = probe_loss()
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = prepare_block(model, False, config.train_act, 0.0, gens.device, True)
+    optimizers, schedulers = _optimizers(state, config, config.network_iterations)
+    bar.set_description("reconstruct network")
+    first = last = None
+    try:
+        for step in range(1, config.network_iterations + 1):
+            idx = torch.randperm(len(data), generator=gens.cpu)[: config.batch_size]
+            idx = idx.to(data.device)
+            loss = reconstruction_loss(model(data[idx]), targets[idx], True, 1.0)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            for scheduler in schedulers:
+                scheduler.step()
+            state.clamp_scales()
+            last = float(loss.detach())
+            first = last if first is None else first
+            bar.update()
+            if step % _POSTFIX_EVERY == 0 or step == config.network_iterations:
+                bar.set_postfix(it=step, kl=f"{last:.4g}")
+    finally:
+        state.finish()
+    after = probe_loss()
+    kept = config.keep_if_worse or after <= before
+    if not kept:
+        model.load_state_dict(snapshot)
+    return {
+        "rec_first": first,
+        "rec_last": last,
+        "probe_before": before,
+        "probe_after": after,
+        "kept": kept,
+    }
+
+
 def _probe_error(block: nn.Module, data: BlockData, config: ReconstructConfig, head: bool):
     """The block's loss in eval mode (no QDrop, hard rounding) on its first ``batch_size``
     samples (the unaugmented images): a noise-free before/after measure of the training."""
@@ -250,18 +317,16 @@ def _probe_error(block: nn.Module, data: BlockData, config: ReconstructConfig, h
         return float(reconstruction_loss(out, data.targets[:n], head, config.rec_weight, w))
 
 
-def _optimizers(state: BlockTraining, config: ReconstructConfig):
+def _optimizers(state: BlockTraining, config: ReconstructConfig, iterations: int):
     """Adam on the AdaRound logits (constant lr), on the activation scales and on the float
-    biases/LayerNorms (both cosine to 0)."""
+    biases/LayerNorms (both cosine to 0 over ``iterations``)."""
     optimizers, schedulers = [], []
     if state.alphas:
         optimizers.append(torch.optim.Adam(state.alphas, lr=config.weight_lr))
     for params, lr in ((state.scales, config.act_lr), (state.floats, config.bias_norm_lr)):
         if params:
             opt = torch.optim.Adam(params, lr=lr)
-            schedulers.append(
-                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iterations)
-            )
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations))
             optimizers.append(opt)
     return optimizers, schedulers
 

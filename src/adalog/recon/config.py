@@ -28,6 +28,11 @@ class ReconstructConfig(SerialisableConfig):
     training (the reference keeps every result); ``train_bias_norm=True`` also trains the
     unit's biases and LayerNorm affine parameters (they stay float, so any value is exact and
     exportable) with Adam at ``bias_norm_lr``, cosine-annealed (the reference freezes them).
+    ``network_iterations > 0`` adds a stage after the blocks: every activation scale and every
+    float bias and LayerNorm affine of the whole model is trained end to end (weights fixed,
+    no QDrop) on the KL divergence of its logits from the FP model's, with ``act_lr`` and
+    ``bias_norm_lr`` annealed to 0; the stage is undone if it raises the KL on the
+    unaugmented views and ``keep_if_worse`` is False. ``iterations=0`` skips the block stage.
     The data are
     ``data_size`` seeded views (crops, flips) of the calibration images: the originals first,
     then random crops.
@@ -55,13 +60,19 @@ class ReconstructConfig(SerialisableConfig):
     keep_if_worse: bool = True
     train_bias_norm: bool = False
     bias_norm_lr: float = 1e-4
+    network_iterations: int = 0
     seed: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size", "data_size"):
+        for name, least in (
+            ("iterations", 0),
+            ("network_iterations", 0),
+            ("batch_size", 1),
+            ("data_size", 1),
+        ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         rates = ("weight_lr", "act_lr", "bias_norm_lr")
         for name in rates + ("round_reg", "beta_start", "beta_end", "rec_weight"):
             if not getattr(self, name) >= 0:
