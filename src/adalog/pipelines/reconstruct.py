@@ -2,7 +2,8 @@
 
 Block by block (patch embedding, transformer blocks, Swin patch mergings, head), AdaRound learns
 each weight's rounding and Adam refines the activation scales through straight-through
-gradients, so that the quantized block reproduces the FP block's outputs. Weights end up on the
+gradients, so that the quantized block reproduces the FP block's outputs; an optional
+end-to-end stage then tunes the float parts and scales of the whole model on its logits. Weights end up on the
 quantization grid and the post-GELU shift is folded with the final weights (§4).
 """
 
@@ -40,7 +41,8 @@ def reconstruct(
     ``images`` are the calibration images (never evaluation images); the training set is
     ``config.data_size`` seeded views of them. ``stats``, when given, receives per block the
     wall seconds, the reconstruction loss of the first and last iterations, and the loss on a
-    fixed probe batch without QDrop before and after training (``probe_before``/``_after``).
+    fixed probe batch without QDrop before and after training (``probe_before``/``_after``);
+    the end-to-end stage (``config.network_iterations``) reports under ``"network"``.
     """
     config = ReconstructConfig.fast() if config is None else config
     stats = {} if stats is None else stats
