@@ -3,8 +3,9 @@
 Block by block (patch embedding, transformer blocks, Swin patch mergings, head), AdaRound learns
 each weight's rounding and Adam refines the activation scales through straight-through
 gradients, so that the quantized block reproduces the FP block's outputs; an optional
-end-to-end stage then tunes the float parts and scales of the whole model on its logits. Weights end up on the
-quantization grid and the post-GELU shift is folded with the final weights (§4).
+end-to-end stage then tunes the float parts and scales of the whole model on its logits.
+Weights end up on the quantization grid and the post-GELU shift is folded with the final
+weights (§4).
 """
 
 from __future__ import annotations
