@@ -220,14 +220,7 @@ def _train_block(
             loss = rec + reg
             first = float(rec.detach()) if first is None else first
             if optimizers:
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in optimizers:
-                    opt.step()
-                for scheduler in schedulers:
-                    scheduler.step()
-                state.clamp_scales()
+                _descend(loss, optimizers, schedulers, state)
             bar.update()
             if step % _POSTFIX_EVERY == 0 or step == config.iterations:
                 bar.set_postfix(
@@ -236,16 +229,7 @@ def _train_block(
     finally:
         state.finish()
     after = _probe_error(block, data, config, head)
-    kept = config.keep_if_worse or after <= before
-    if not kept:  # the trained unit is worse on the probe: back to its calibrated state
-        block.load_state_dict(calibrated)
-    return {
-        "rec_first": first,
-        "rec_last": float(rec.detach()),
-        "probe_before": before,
-        "probe_after": after,
-        "kept": kept,
-    }
+    return _keep_or_revert(block, calibrated, config, first, float(rec.detach()), before, after)
 
 
 def _train_network(
@@ -282,14 +266,7 @@ def _train_network(
             idx = torch.randperm(len(data), generator=gens.cpu)[: config.batch_size]
             idx = idx.to(data.device)
             loss = reconstruction_loss(model(data[idx]), targets[idx], True, 1.0)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            for scheduler in schedulers:
-                scheduler.step()
-            state.clamp_scales()
+            _descend(loss, optimizers, schedulers, state)
             last = float(loss.detach())
             first = last if first is None else first
             bar.update()
@@ -297,10 +274,35 @@ def _train_network(
                 bar.set_postfix(it=step, kl=f"{last:.4g}")
     finally:
         state.finish()
-    after = probe_loss()
+    return _keep_or_revert(model, snapshot, config, first, last, before, probe_loss())
+
+
+def _descend(loss: Tensor, optimizers: list, schedulers: list, state: BlockTraining) -> None:
+    """One optimisation step of every optimiser and scheduler; scales kept positive."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    for scheduler in schedulers:
+        scheduler.step()
+    state.clamp_scales()
+
+
+def _keep_or_revert(
+    module: nn.Module,
+    snapshot: dict[str, Tensor],
+    config: ReconstructConfig,
+    first: float | None,
+    last: float | None,
+    before: float,
+    after: float,
+) -> dict[str, float]:
+    """Keep the training unless ``keep_if_worse`` is off and the probe loss rose (then the
+    module goes back to ``snapshot``); the per-stage stats."""
     kept = config.keep_if_worse or after <= before
     if not kept:
-        model.load_state_dict(snapshot)
+        module.load_state_dict(snapshot)
     return {
         "rec_first": first,
         "rec_last": last,
