@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument(
         "--resume", help="calibration progress folder: saved after every block, resumed on rerun"
     )
+    parser.add_argument(
+        "--workers", type=int, help="parallel module searches (default: one per thread)"
+    )
     args = parser.parse_args()
 
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -58,7 +61,9 @@ def main() -> None:
         images = load_calibration_images(model, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    calibrate(model, images, config, resume_dir=args.resume, timings=timings)
+    calibrate(
+        model, images, config, resume_dir=args.resume, timings=timings, workers=args.workers
+    )
     calib_seconds = time.perf_counter() - start  # of this process only, when resumed
     if args.save:
         save_quantized(model, args.save)
@@ -71,6 +76,7 @@ def main() -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "calib_source": args.calib_tensor or "calib32.txt",
         "seconds_by_kind": seconds_by_kind(timings),
+        "workers": args.workers or "auto",
     }
     atomic_write_json(args.out, row)
     print(

@@ -12,7 +12,7 @@ import adalog.cli
 import adalog.pipelines.calibrate as calibrate_module
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
-from adalog.models.qmodules import QuantLinear, set_quant_mode
+from adalog.models.qmodules import QuantLinear, QuantModule, set_quant_mode
 from adalog.pipelines.checkpoint import load_quantized
 from adalog.quant import LogQuantizer, TwinUniformQuantizer
 
@@ -94,6 +94,40 @@ def test_same_seed_gives_bit_identical_parameters():
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("vit_tiny_patch16_224", VIT_KW), ("swin_tiny_patch4_window7_224", SWIN_KW)],
+)
+def test_parallel_module_searches_equal_one_thread_sequential(name, kwargs, monkeypatch):
+    """Two workers with one intra-op thread each give the one-thread sequential result bit for
+    bit, search every module once, and restore the caller's thread count."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = _model(name, kwargs)
+        adalog.quantize(sequential, _images(), SMALL, progress=False, workers=1)
+        torch.set_num_threads(2)
+        real, seen = calibrate_module._calibrate_target, []
+
+        def recording(model, target, *args):
+            seen.append((target.name, torch.get_num_threads()))
+            return real(model, target, *args)
+
+        monkeypatch.setattr(calibrate_module, "_calibrate_target", recording)
+        parallel = _model(name, kwargs)
+        adalog.quantize(parallel, _images(), SMALL, progress=False)  # workers: one per thread
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    names = [n for n, _ in seen]
+    assert len(names) == len(set(names)) and {t for _, t in seen} == {1}
+    assert len(names) == sum(isinstance(m, QuantModule) for m in parallel.modules())
+    expected = sequential.state_dict()
+    assert parallel.state_dict().keys() == expected.keys()
+    for key, value in parallel.state_dict().items():
+        assert torch.equal(value, expected[key]), key
 
 
 @pytest.mark.parametrize(

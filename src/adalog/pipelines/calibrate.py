@@ -7,7 +7,9 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,10 @@ from adalog.search.procedures import (
     calibrate_post_gelu_twin,
     channelwise_input_search,
 )
+
+#: Search order inside a block when modules run in parallel: the costliest first, so that the
+#: last module to finish is a short one (longest-processing-time-first scheduling).
+_COST_RANK = {"linear_gelu": 0, "matmul_av": 1, "matmul_qk": 2, "linear_ln": 3, "linear": 4}
 
 #: Smallest crop area of the seeded views whose Gram matrices GPTQ uses (as reconstruction's).
 GPTQ_CROP_SCALE_MIN = 0.25
@@ -97,6 +103,7 @@ def calibrate(
     timings: dict[str, float] | None = None,
     resume_dir: str | Path | None = None,
     reuse: Reuse | None = None,
+    workers: int | None = None,
 ) -> nn.Module:
     """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode.
 
@@ -109,6 +116,12 @@ def calibrate(
     modules it names are searched; every other module takes its result from ``reuse.state``.
     With ``config.weight_rounding == "gptq"`` the weights are re-rounded after the last block
     (:mod:`adalog.pipelines.weight_rounding`; ``timings["gptq"]``).
+
+    Every module is searched on FP captures (§6.2), so the searches of one block are independent:
+    ``workers`` of them run at once, each on its own thread with ``threads // workers`` intra-op
+    threads (``None``: one worker per intra-op thread). Small per-candidate ops scale poorly over
+    cores, so this is faster than one search on all cores. The result is the same as a
+    one-worker run with that many intra-op threads, bit for bit.
     """
     timings = {} if timings is None else timings
     if images.dim() != 4 or images.shape[0] == 0:
@@ -153,14 +166,22 @@ def calibrate(
             )
         timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - start
         for target in members:
-            bar.set_description(f"calibrate {target.name}")
-            start = time.perf_counter()
-            if target in searched:
-                _calibrate_target(model, target, records.pop(target.name), settings, config)
-            else:  # the capture above saw this block before any of its folds, as a full run does
+            if target not in searched:  # the capture above saw this block before its folds
+                start = time.perf_counter()
                 prefixes = [target.name] + ([target.norm] if target.norm else [])
                 load_partial_state(model, reuse.state, prefixes)
+                timings[target.name] = time.perf_counter() - start
+                bar.update()
+
+        def search(target: Target, chunks: list) -> str:
+            bar.set_description(f"calibrate {target.name}")
+            start = time.perf_counter()
+            _calibrate_target(model, target, chunks, settings, config)
             timings[target.name] = time.perf_counter() - start
+            return target.name
+
+        jobs = [(t, records.pop(t.name)) for t in searched]
+        for _ in _run_searches(jobs, search, workers):
             bar.update()
         if resume_dir is not None:
             done.append(block)
@@ -186,6 +207,45 @@ class Reuse:
 
     state: dict[str, Tensor]
     recompute: Callable[[str], bool]
+
+
+def _run_searches(
+    jobs: list[tuple[Target, list]], search: Callable[[Target, list], str], workers: int | None
+) -> Iterator[str]:
+    """Run ``search`` on every job, ``workers`` at a time; yield module names as they finish.
+
+    Jobs are popped from ``jobs`` so that each capture is freed as soon as its search ends.
+    """
+    threads = torch.get_num_threads()
+    workers = threads if workers is None else workers
+    if workers <= 1:
+        while jobs:
+            yield search(*jobs.pop(0))
+        return
+    # a lone module (patch embedding, head) gets the same thread count: results stay those of
+    # a one-worker run at threads // workers, whatever the block
+    jobs.sort(key=lambda job: _COST_RANK.get(job[0].role, len(_COST_RANK)))
+    pool = ThreadPoolExecutor(min(workers, max(1, len(jobs))))
+    with _intra_op_threads(max(1, threads // workers)), pool:
+        futures = []
+        while jobs:
+            futures.append(pool.submit(search, *jobs.pop(0)))
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:  # on an error, do not start the searches still queued
+            for future in futures:
+                future.cancel()
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fingerprint(name: str, config: AdaLogConfig, model_kwargs, images: Tensor) -> dict:
