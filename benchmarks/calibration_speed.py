@@ -83,7 +83,7 @@ def _run_one(
     images, image_source = _calibration_images(name, n_images)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    calibrate(model, images, config, timings=timings, workers=workers)
+    calibrate(model, images, config, timings=timings, search_workers=workers)
     total = time.perf_counter() - start
     queue.put(
         {
@@ -94,7 +94,7 @@ def _run_one(
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "seconds_by_kind": seconds_by_kind(timings),
             "seconds_by_module": timings,
-            "workers": workers or "auto",
+            "search_workers": workers,
             "threads": torch.get_num_threads(),
         }
     )
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, help="keep only the first N blocks (ViT/DeiT)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides key=JSON")
     parser.add_argument(
-        "--workers", type=int, help="parallel module searches (default: one per thread)"
+        "--search-workers", type=int, default=1, help="module searches run at once (default 1)"
     )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -148,7 +148,7 @@ def main() -> None:
     config = AdaLogConfig.preset(args.preset, search_engine=args.engine, **overrides)
     rows = []
     for name in args.models:
-        rows.append(run_isolated(name, config, args.images, args.blocks, args.workers))
+        rows.append(run_isolated(name, config, args.images, args.blocks, args.search_workers))
         payload = {
             "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),

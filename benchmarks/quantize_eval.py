@@ -48,7 +48,7 @@ def main() -> None:
         "--resume", help="calibration progress folder: saved after every block, resumed on rerun"
     )
     parser.add_argument(
-        "--workers", type=int, help="parallel module searches (default: one per thread)"
+        "--search-workers", type=int, default=1, help="module searches run at once (default 1)"
     )
     args = parser.parse_args()
 
@@ -61,8 +61,9 @@ def main() -> None:
         images = load_calibration_images(model, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    workers = args.search_workers
     calibrate(
-        model, images, config, resume_dir=args.resume, timings=timings, workers=args.workers
+        model, images, config, resume_dir=args.resume, timings=timings, search_workers=workers
     )
     calib_seconds = time.perf_counter() - start  # of this process only, when resumed
     if args.save:
@@ -76,7 +77,7 @@ def main() -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "calib_source": args.calib_tensor or "calib32.txt",
         "seconds_by_kind": seconds_by_kind(timings),
-        "workers": args.workers or "auto",
+        "search_workers": args.search_workers,
     }
     atomic_write_json(args.out, row)
     print(

@@ -107,7 +107,7 @@ def test_parallel_module_searches_equal_one_thread_sequential(name, kwargs, monk
     try:
         torch.set_num_threads(1)
         sequential = _model(name, kwargs)
-        adalog.quantize(sequential, _images(), SMALL, progress=False, workers=1)
+        adalog.quantize(sequential, _images(), SMALL, progress=False, search_workers=1)
         torch.set_num_threads(2)
         real, seen = calibrate_module._calibrate_target, []
 
@@ -117,7 +117,7 @@ def test_parallel_module_searches_equal_one_thread_sequential(name, kwargs, monk
 
         monkeypatch.setattr(calibrate_module, "_calibrate_target", recording)
         parallel = _model(name, kwargs)
-        adalog.quantize(parallel, _images(), SMALL, progress=False)  # workers: one per thread
+        adalog.quantize(parallel, _images(), SMALL, progress=False, search_workers=2)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

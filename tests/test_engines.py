@@ -143,3 +143,32 @@ def test_log_input_error_updates_parents_sparsely_and_exactly():
     assert objective.counters == {"full": 3, "sparse": 9}
     torch.testing.assert_close(score(far), recomputed(far), rtol=2e-6, atol=0)
     assert objective.counters == {"full": 4, "sparse": 9}
+
+
+def test_fc2_token_norm_engines_agree_and_spare_the_ordinary_tokens():
+    """With a few massive-activation tokens, the token-normalised fc2 search picks the same
+    parameters in both engines and a grid that serves the other tokens better than the plain
+    sum (which the massive tokens dominate)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.nn.functional.gelu(torch.randn(600, 96, generator=g) * 2)
+    h[:6] *= 300.0
+    weight = torch.randn(48, 96, generator=g) / 10
+    y = h @ weight.T
+
+    def calibrate(engine: str, token_norm: bool) -> tuple[list, float]:
+        settings = SearchSettings(eq_n=64, rounds=2, steps=4, engine=engine)
+        w_quant, h_quant = UniformQuantizer(4, (48, 1)), LogQuantizer(4, "adalog", shift=0.17)
+        calibrate_post_gelu_log(
+            h, y, weight, None, w_quant, h_quant, settings, token_norm=token_norm
+        )
+        out = h_quant(h[6:]) @ w_quant(weight).T
+        ordinary = float((out - y[6:]).square().sum() / y[6:].square().sum())
+        return [w_quant.scale, w_quant.zero_point, h_quant.scale, h_quant.q], ordinary
+
+    fast, fast_error = calibrate("fast", True)
+    slow, _ = calibrate("naive", True)
+    for a, b in zip(fast, slow, strict=True):
+        _assert_same(a, b)
+    plain, plain_error = calibrate("fast", False)
+    assert not torch.equal(plain[2], fast[2])
+    assert fast_error < 0.7 * plain_error

@@ -85,11 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="save progress here after every block; rerunning the same command continues there",
     )
     qu.add_argument(
-        "--workers",
+        "--search-workers",
         type=int,
         metavar="N",
-        help="module searches run at once, each on threads/N intra-op threads "
-        "(default: one per thread; 1 = one search at a time on all threads)",
+        default=1,
+        help="module searches of a block run at once, each on threads/N intra-op threads "
+        "(default 1: one search at a time on all threads)",
     )
     qu.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     qu.set_defaults(func=_cmd_quantize)
@@ -268,9 +269,9 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         )
     model = create_model(args.model, weights=args.weights)
     images = load_calibration_images(model, args.calib_data, args.calib_list, config)
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    calibrate(model, images, config, resume_dir=args.resume, workers=args.workers)
+    if args.search_workers < 1:
+        raise ConfigError(f"--search-workers must be at least 1, got {args.search_workers}")
+    calibrate(model, images, config, resume_dir=args.resume, search_workers=args.search_workers)
     if recon is not None:
         from adalog.pipelines.reconstruct import reconstruct
 

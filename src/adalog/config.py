@@ -103,6 +103,10 @@ class AdaLogConfig(SerialisableConfig):
     # gptq_views seeded views of the calibration images; gptq_damp x mean diagonal added);
     # 'nearest' is the reference.
     weight_rounding: str = "nearest"
+    # Beyond the reference: score the post-GELU fc2 searches (log input quantizer and weights)
+    # with each token's squared output error divided by its input's squared norm, so that the
+    # few massive-activation tokens do not decide the grids; False is the reference's plain sum.
+    fc2_token_norm: bool = False
     gptq_damp: float = 0.1
     gptq_views: int = 256
     calib_size: int = 32

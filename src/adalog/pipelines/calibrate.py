@@ -103,7 +103,7 @@ def calibrate(
     timings: dict[str, float] | None = None,
     resume_dir: str | Path | None = None,
     reuse: Reuse | None = None,
-    workers: int | None = None,
+    search_workers: int = 1,
 ) -> nn.Module:
     """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode.
 
@@ -118,10 +118,11 @@ def calibrate(
     (:mod:`adalog.pipelines.weight_rounding`; ``timings["gptq"]``).
 
     Every module is searched on FP captures (§6.2), so the searches of one block are independent:
-    ``workers`` of them run at once, each on its own thread with ``threads // workers`` intra-op
-    threads (``None``: one worker per intra-op thread). Small per-candidate ops scale poorly over
-    cores, so this is faster than one search on all cores. The result is the same as a
-    one-worker run with that many intra-op threads, bit for bit.
+    ``search_workers`` of them run at once, each on its own thread with
+    ``threads // search_workers`` intra-op threads; the result is that of a one-worker run at
+    that many threads, bit for bit. On the 2-core benchmark machine two workers were only about
+    5 % faster than one search on both cores (the searches are memory-bound) and held 1 GB more,
+    so the default is one.
     """
     timings = {} if timings is None else timings
     if images.dim() != 4 or images.shape[0] == 0:
@@ -181,7 +182,7 @@ def calibrate(
             return target.name
 
         jobs = [(t, records.pop(t.name)) for t in searched]
-        for _ in _run_searches(jobs, search, workers):
+        for _ in _run_searches(jobs, search, search_workers):
             bar.update()
         if resume_dir is not None:
             done.append(block)
@@ -210,14 +211,13 @@ class Reuse:
 
 
 def _run_searches(
-    jobs: list[tuple[Target, list]], search: Callable[[Target, list], str], workers: int | None
+    jobs: list[tuple[Target, list]], search: Callable[[Target, list], str], workers: int
 ) -> Iterator[str]:
     """Run ``search`` on every job, ``workers`` at a time; yield module names as they finish.
 
     Jobs are popped from ``jobs`` so that each capture is freed as soon as its search ends.
     """
     threads = torch.get_num_threads()
-    workers = threads if workers is None else workers
     if workers <= 1:
         while jobs:
             yield search(*jobs.pop(0))
@@ -286,7 +286,7 @@ def _calibrate_target(
             args = (x, y, module.weight, module.bias, module.weight_quant, module.input_quant)
             if isinstance(module.input_quant, LogQuantizer):
                 transplant = config.log_scale_search == "transplant"
-                calibrate_post_gelu_log(*args, settings, transplant)
+                calibrate_post_gelu_log(*args, settings, transplant, config.fc2_token_norm)
             elif isinstance(module.input_quant, TwinUniformQuantizer):
                 calibrate_post_gelu_twin(*args, settings)
             else:

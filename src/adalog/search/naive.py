@@ -35,10 +35,17 @@ def weight_output_error(
 
 
 def input_output_error(
-    x: Tensor, target: Tensor, w_hat: Tensor, fake_quant: Callable[[Tensor, int], Tensor], n: int
+    x: Tensor,
+    target: Tensor,
+    w_hat: Tensor,
+    fake_quant: Callable[[Tensor, int], Tensor],
+    n: int,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
-    """Per-tensor error of ``fake_quant(x, k) @ Ŵᵀ`` for candidates ``k < n``."""
-    return _stack(n, lambda k: (fake_quant(x, k) @ w_hat.T - target).square().sum())
+    """Per-tensor error of ``fake_quant(x, k) @ Ŵᵀ`` for candidates ``k < n`` (each token's
+    squared error times ``token_weights`` when given)."""
+    weights = 1.0 if token_weights is None else token_weights[:, None]
+    return _stack(n, lambda k: ((fake_quant(x, k) @ w_hat.T - target).square() * weights).sum())
 
 
 def uniform_input_error(
@@ -59,16 +66,27 @@ class LogInputScorer:
     """Post-GELU log-quantized fc2 input, scored on the layer output (same interface as the
     fast scorer in :mod:`adalog.search.procedures`)."""
 
-    def __init__(self, x: Tensor, target: Tensor, w_hat: Tensor, n_bits: int, shift: float):
+    def __init__(
+        self,
+        x: Tensor,
+        target: Tensor,
+        w_hat: Tensor,
+        n_bits: int,
+        shift: float,
+        token_weights: Tensor | None = None,
+    ):
         self.x, self.target, self.w_hat = x, target, w_hat
         self.n_bits, self.shift = n_bits, shift
+        self.token_weights = token_weights
 
     def _error(self, scales: Tensor, kind: str, qs: Tensor | None) -> Tensor:
         def fake_quant(inp: Tensor, k: int) -> Tensor:
             q = None if qs is None else int(qs[k])
             return log_fake_quant(inp, scales[k], self.n_bits, kind, q, shift=self.shift)
 
-        return input_output_error(self.x, self.target, self.w_hat, fake_quant, scales.shape[0])
+        n = scales.shape[0]
+        weights = self.token_weights
+        return input_output_error(self.x, self.target, self.w_hat, fake_quant, n, weights)
 
     def adalog(self, scales: Tensor, qs: Tensor) -> Tensor:
         return self._error(scales, "adalog", qs)

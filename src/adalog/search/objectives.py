@@ -269,7 +269,8 @@ class LogInputError:
     so both paths quantize every input identically; only float summation order differs.
 
     Each call keeps its ``capacity`` best candidates (the survivors FPCS will refine next) for
-    reuse; ``counters`` tallies full and sparse evaluations.
+    reuse; ``counters`` tallies full and sparse evaluations. ``token_weights`` ``(T,)`` weigh
+    each token's squared output error (default: all 1, the reference's plain sum).
     """
 
     #: Half-width of the exact search window around each approximate count.
@@ -283,8 +284,10 @@ class LogInputError:
         shift: float,
         max_changed: float = 0.1,
         memory: int = 2**28,
+        token_weights: Tensor | None = None,
     ) -> None:
         tokens, in_f = log_x.shape
+        self.root_weights = None if token_weights is None else token_weights.sqrt()[:, None]
         self.log_x = log_x
         self.sorted_log, order = torch.sort(log_x.reshape(-1))
         self.rows, self.cols = order // in_f, order % in_f
@@ -312,6 +315,8 @@ class LogInputError:
             if product is None:
                 product = self._full(levels[k], log_scales[k], ratios[k])
             residual = torch.mul(product, scales[k], out=self._residual).sub_(self.target)
+            if self.root_weights is not None:
+                residual.mul_(self.root_weights)
             error = residual.square_().sum(dtype=torch.float64)
             errors.append(error)
             entry = _Product(key, counts, product)

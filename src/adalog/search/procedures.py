@@ -180,15 +180,19 @@ def calibrate_post_gelu_log(
     input_quant: LogQuantizer,
     settings: SearchSettings,
     transplant: bool = True,
+    token_norm: bool = False,
 ) -> None:
     """§5.7(C): fc2 behind GELU with a shifted AdaLog (or log2 / log√2) input quantizer.
 
     With ``transplant`` (reference) log2/log√2 take the scale found by the AdaLog search
     (§10.8): every round, including its weight search, runs with the AdaLog quantizer, and the
     scale moves into the log2/log√2 quantizer at the end. Otherwise they search their own scale
-    over the same range, and the weight searches see their own quantizer.
+    over the same range, and the weight searches see their own quantizer. With ``token_norm``
+    every search weighs a token's squared output error by ``1 / ‖x_t‖²`` (beyond the reference).
     """
     target = y if bias is None else y - bias
+    weights = token_norm_weights(x) if token_norm else None
+    root = 1.0 if weights is None else weights.sqrt()[:, None]
     n_w, n_a = weight_quant.n_bits, input_quant.n_bits
     shift = float(input_quant.shift)
     w_grid = weight_grid(weight, n_w, settings.eq_n, settings.zp_cap)
@@ -199,10 +203,9 @@ def calibrate_post_gelu_log(
     scale, q = scale_grid.scales[-2], torch.tensor(37)
     own_kind = input_quant.kind if not transplant else "adalog"
     for _ in range(settings.rounds):
-        if settings.naive:
-            scorer = naive.LogInputScorer(x, target, weight_quant(weight), n_a, shift)
-        else:
-            scorer = _LogInputScorer(log_x, target, weight_quant(weight), n_a, shift)
+        scorer_type = naive.LogInputScorer if settings.naive else _LogInputScorer
+        inputs = x if settings.naive else log_x
+        scorer = scorer_type(inputs, target, weight_quant(weight), n_a, shift, weights)
         if own_kind == "adalog":
             search = fpcs_adalog if settings.fpcs else exhaustive_adalog
             kwargs = {"steps": settings.steps} if settings.fpcs else {"eq_n": settings.eq_n}
@@ -227,9 +230,15 @@ def calibrate_post_gelu_log(
             x_hat = input_quant(x)
         else:  # transplant: the round's quantizer is AdaLog (scale, q)
             x_hat = log_fake_quant(x, scale, n_a, "adalog", int(q), shift=shift)
-        score_w = _weight_score(settings, x_hat, target, weight, n_w)
+        score_w = _weight_score(settings, x_hat * root, target * root, weight, n_w)
         _set_rows(weight_quant, _search(settings, score_w, w_grid))
     _set_log(input_quant, scale, q)
+
+
+def token_norm_weights(x: Tensor) -> Tensor:
+    """``1 / ‖x_t‖²`` per token (row of ``x``), scaled to mean 1 (which changes no argmin)."""
+    weights = x.double().square().sum(1).clamp_min(1e-24).reciprocal()
+    return (weights / weights.mean()).to(x.dtype)
 
 
 def _set_log(quantizer: LogQuantizer, scale: Tensor, q: Tensor) -> None:
@@ -254,9 +263,9 @@ class _LogInputScorer:
     #: Level-table keys of the fixed-base kinds (AdaLog uses its q, which is positive).
     FIXED_KEYS = {"log2": -1, "logsqrt2": -2}
 
-    def __init__(self, log_x, target, w_hat, n_bits, shift) -> None:
+    def __init__(self, log_x, target, w_hat, n_bits, shift, token_weights=None) -> None:
         self.n_bits = n_bits
-        self.error = LogInputError(log_x, target, w_hat, shift)
+        self.error = LogInputError(log_x, target, w_hat, shift, token_weights=token_weights)
 
     def adalog(self, scales: Tensor, qs: Tensor) -> Tensor:
         levels = adalog_levels(qs.long(), self.n_bits)
