@@ -317,6 +317,8 @@ def test_config_round_trip_and_validation(tmp_path: Path):
         AdaLogConfig(post_gelu="cubic")
     with pytest.raises(ConfigError, match="unknown preset"):
         AdaLogConfig.preset("w5a5")
+    with pytest.raises(ConfigError, match="fc2_token_norm"):
+        AdaLogConfig(post_gelu="twin", fc2_token_norm=True)
 
 
 def test_8bit_patch_embed_needs_the_conv_zero_point_cap():

@@ -124,6 +124,11 @@ class AdaLogConfig(SerialisableConfig):
         _check_choice("log_scale_search", self.log_scale_search, LOG_SCALE_SEARCH_CHOICES)
         _check_choice("search_engine", self.search_engine, SEARCH_ENGINE_CHOICES)
         _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDING_CHOICES)
+        if self.fc2_token_norm and self.post_gelu not in ("adalog", "log2", "logsqrt2"):
+            raise ConfigError(
+                "fc2_token_norm weighs the log-quantizer fc2 searches; it has no effect with "
+                f"post_gelu={self.post_gelu!r}"
+            )
         if not self.gptq_damp > 0:
             raise ConfigError(f"gptq_damp must be > 0, got {self.gptq_damp!r}")
         counts = ("eq_n", "search_rounds", "fpcs_steps", "calib_size", "calib_batch_size")
