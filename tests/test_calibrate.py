@@ -338,3 +338,11 @@ def test_8bit_patch_embed_needs_the_conv_zero_point_cap():
     )
     zero_points = model.patch_embed.proj.weight_quant.zero_point
     assert zero_points.min() >= 128 - 8 and zero_points.max() <= 128 + 7
+
+
+def test_cli_switches_map_to_config_overrides():
+    base = ["quantize", "--model", "m", "--calib-data", "d", "--out", "o"]
+    args = adalog.cli.build_parser().parse_args([*base, "--fc2-token-norm", "--no-fpcs"])
+    assert adalog.cli.variant_overrides(args) == {"fc2_token_norm": True, "fpcs": False}
+    assert args.search_workers == 1
+    assert adalog.cli.variant_overrides(adalog.cli.build_parser().parse_args(base)) == {}

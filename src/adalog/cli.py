@@ -229,6 +229,12 @@ def _add_variant_args(parser: argparse.ArgumentParser) -> None:
         help="nearest (reference) or gptq (error-feedback rounding of every weight but the head's "
         "on its searched grid; not combinable with --reconstruct)",
     )
+    parser.add_argument(
+        "--fc2-token-norm",
+        action="store_true",
+        help="score the post-GELU fc2 searches with each token's error divided by its input's "
+        "squared norm (beyond the reference)",
+    )
 
 
 def variant_overrides(args: argparse.Namespace) -> dict:
@@ -246,6 +252,8 @@ def variant_overrides(args: argparse.Namespace) -> dict:
         overrides["bias_reparam"] = False
     if args.no_fpcs:
         overrides["fpcs"] = False
+    if args.fc2_token_norm:
+        overrides["fc2_token_norm"] = True
     return overrides
 
 
