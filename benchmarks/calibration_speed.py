@@ -70,7 +70,7 @@ def _truncate(model: torch.nn.Module, n_blocks: int | None) -> None:
 
 
 def _run_one(
-    name: str, config_dict: dict, n_images: int, n_blocks: int | None, workers, queue
+    name: str, config_dict: dict, n_images: int, n_blocks: int | None, workers: int, queue
 ) -> None:
     config = AdaLogConfig.from_dict(config_dict)
     weights = SHARED_WEIGHTS.get(name)
@@ -101,7 +101,7 @@ def _run_one(
 
 
 def run_isolated(
-    name: str, config: AdaLogConfig, n_images: int, n_blocks: int | None, workers: int | None
+    name: str, config: AdaLogConfig, n_images: int, n_blocks: int | None, workers: int
 ) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

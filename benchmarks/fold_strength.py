@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from pathlib import Path
 
 import torch
+from calibration_speed import VIT_TINY, VIT_TINY_WEIGHTS
 from safetensors.torch import load_file
 
 from adalog.config import AdaLogConfig
@@ -28,8 +28,6 @@ from adalog.models import create_model
 from adalog.models.hooks import forward_batches, forward_hooks
 from adalog.models.wrap import wrap_model
 from adalog.search.procedures import SearchSettings, calibrate_linear, channelwise_input_search
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def partial_fold(norm, module, x, settings, alpha: float):
@@ -57,11 +55,8 @@ def relative_error(module, x, y) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_tiny_patch16_224")
-    parser.add_argument(
-        "--weights",
-        default=str(SHARED / "models" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"),
-    )
+    parser.add_argument("--model", default=VIT_TINY)
+    parser.add_argument("--weights", default=str(VIT_TINY_WEIGHTS))
     parser.add_argument("--calib-tensor", required=True)
     parser.add_argument("--preset", default="w4a4")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])

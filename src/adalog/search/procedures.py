@@ -192,7 +192,8 @@ def calibrate_post_gelu_log(
     """
     target = y if bias is None else y - bias
     weights = token_norm_weights(x) if token_norm else None
-    root = 1.0 if weights is None else weights.sqrt()[:, None]
+    root = None if weights is None else weights.sqrt()[:, None]
+    weighted_target = target if root is None else target * root  # for the weight searches
     n_w, n_a = weight_quant.n_bits, input_quant.n_bits
     shift = float(input_quant.shift)
     w_grid = weight_grid(weight, n_w, settings.eq_n, settings.zp_cap)
@@ -230,7 +231,8 @@ def calibrate_post_gelu_log(
             x_hat = input_quant(x)
         else:  # transplant: the round's quantizer is AdaLog (scale, q)
             x_hat = log_fake_quant(x, scale, n_a, "adalog", int(q), shift=shift)
-        score_w = _weight_score(settings, x_hat * root, target * root, weight, n_w)
+        weighted_x = x_hat if root is None else x_hat * root
+        score_w = _weight_score(settings, weighted_x, weighted_target, weight, n_w)
         _set_rows(weight_quant, _search(settings, score_w, w_grid))
     _set_log(input_quant, scale, q)
 
