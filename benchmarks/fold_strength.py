@@ -47,6 +47,21 @@ def partial_fold(norm, module, x, settings, alpha: float):
     return norm, module, x / r - delta
 
 
+def random_rotation(size: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal)."""
+    g = torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    return (q * r.diagonal().sign()).float()
+
+
+def rotate(module, x, rotation):
+    """``x Wᵀ = (x Q)(W Q)ᵀ`` for orthogonal ``Q``: rotate the input and the weight columns."""
+    module = copy.deepcopy(module)
+    with torch.no_grad():
+        module.weight.copy_(module.weight @ rotation)
+    return module, x @ rotation
+
+
 def relative_error(module, x, y) -> float:
     with torch.no_grad():
         out = module.input_quant(x) @ module.weight_quant(module.weight).T + module.bias
@@ -61,6 +76,11 @@ def main() -> None:
     parser.add_argument("--preset", default="w4a4")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--blocks", type=int, nargs="*", help="block indices (default: all)")
+    parser.add_argument(
+        "--rotate",
+        action="store_true",
+        help="also score each α with a random orthogonal rotation of the linear's input",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -88,11 +108,21 @@ def main() -> None:
         row = {}
         for alpha in args.alphas:
             _, module, x_folded = partial_fold(norm, target.module, x, settings, alpha)
-            calibrate_linear(
-                x_folded, y, module.weight, module.bias, module.weight_quant, module.input_quant,
-                settings,
-            )
-            row[str(alpha)] = relative_error(module, x_folded, y)
+            variants = [(str(alpha), module, x_folded)]
+            if args.rotate:
+                rotation = random_rotation(x.shape[1])
+                variants.append((f"{alpha}+rot", *rotate(module, x_folded, rotation)))
+            for key, variant, inputs in variants:
+                calibrate_linear(
+                    inputs,
+                    y,
+                    variant.weight,
+                    variant.bias,
+                    variant.weight_quant,
+                    variant.input_quant,
+                    settings,
+                )
+                row[key] = relative_error(variant, inputs, y)
         results[target.name] = row
         print(target.name, " ".join(f"{a}:{e:.4f}" for a, e in row.items()), flush=True)
         summary = {"preset": args.preset, "alphas": args.alphas, "layers": results}

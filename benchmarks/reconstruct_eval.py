@@ -61,6 +61,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--eval-limit", type=int, help="evaluate only the first N dev-rest images")
     parser.add_argument("--out", required=True, help="JSON result file")
     parser.add_argument("--save", help="also save the reconstructed model to this directory")
+    parser.add_argument(
+        "--resume", help="reconstruction progress folder: saved after every unit, resumed on rerun"
+    )
     return parser.parse_args()
 
 
@@ -101,7 +104,7 @@ def main() -> None:
     calibrated_scores = score_logits(batched_logits(model, eval_images), fp_logits, labels)
     stats: dict = {}
     start = time.perf_counter()
-    reconstruct(model, images, recon, stats=stats)
+    reconstruct(model, images, recon, stats=stats, resume_dir=args.resume)
     recon_seconds = time.perf_counter() - start
     if args.save:
         save_quantized(model, args.save)

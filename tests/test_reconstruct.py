@@ -492,3 +492,51 @@ def test_units_worse_after_training_can_be_reverted(calibrated):
     for name in reverted:
         for key, value in _state(out.get_submodule(name)).items():
             assert torch.equal(value, calib[f"{name}.{key}"]), (name, key)
+
+
+def test_interrupted_run_resumes_bit_for_bit(calibrated, tmp_path: Path, monkeypatch):
+    """Stopped after two units, then rerun on the same folder: the result equals an
+    uninterrupted run's, random streams (batch order, QDrop, Fisher labels) included."""
+    import adalog.pipelines.reconstruct as recon
+
+    model, images, _ = calibrated
+    config = TINY.with_overrides(
+        iterations=6, input_source="quantized", drop_prob=0.5, loss="fisher", network_iterations=3
+    )
+    whole_stats: dict = {}
+    whole = adalog.reconstruct(copy.deepcopy(model), images, config, False, whole_stats)
+    train_block, calls = recon._train_block, []
+
+    def stop_at_third_unit(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train_block(*args, **kwargs)
+
+    monkeypatch.setattr(recon, "_train_block", stop_at_third_unit)
+    with pytest.raises(KeyboardInterrupt):
+        adalog.reconstruct(copy.deepcopy(model), images, config, False, resume_dir=tmp_path)
+    monkeypatch.setattr(recon, "_train_block", train_block)
+    assert json.loads((tmp_path / "progress.json").read_text())["done_blocks"] == calls[:2]
+    stats: dict = {}
+    resumed = adalog.reconstruct(
+        copy.deepcopy(model), images, config, False, stats, resume_dir=tmp_path
+    )
+    reference, state = _state(whole), _state(resumed)
+    assert all(torch.equal(reference[k], state[k]) for k in reference)
+    assert sorted(stats) == sorted(whole_stats) and "network" in stats
+    assert stats[calls[0]]["probe_after"] == whole_stats[calls[0]]["probe_after"]
+
+
+def test_resume_refuses_progress_of_another_run(calibrated, tmp_path: Path):
+    model, images, _ = calibrated
+    config = TINY.with_overrides(iterations=2)
+    adalog.reconstruct(copy.deepcopy(model), images, config, False, resume_dir=tmp_path)
+    for other_config, other_images in (
+        (config.with_overrides(seed=9), images),
+        (config, images.flip(-1)),
+    ):
+        with pytest.raises(ConfigError, match="another run"):
+            adalog.reconstruct(
+                copy.deepcopy(model), other_images, other_config, False, resume_dir=tmp_path
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from adalog.errors import AdalogError, ConfigError
 
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument(
         "--resume",
         metavar="DIR",
-        help="save progress here after every block; rerunning the same command continues there",
+        help="save progress here after every block (calibration, then reconstruction in "
+        "DIR/reconstruct); rerunning the same command continues there",
     )
     qu.add_argument(
         "--search-workers",
@@ -283,7 +285,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     if recon is not None:
         from adalog.pipelines.reconstruct import reconstruct
 
-        reconstruct(model, images, recon)
+        resume = None if args.resume is None else Path(args.resume) / "reconstruct"
+        reconstruct(model, images, recon, resume_dir=resume)
     save_quantized(model, args.out)
     print(
         f"wrote quantized {args.model} ({config.w_bits}/{config.a_bits}/{config.s_bits} bits"

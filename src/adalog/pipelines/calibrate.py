@@ -3,7 +3,6 @@ module's search (§5.7), fold post-LayerNorm scales (§3) and the post-GELU shif
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -29,6 +28,7 @@ from adalog.pipelines.checkpoint import (
     load_progress,
     quantization_meta,
     save_progress,
+    tensor_digest,
 )
 from adalog.pipelines.weight_rounding import gptq_round_weights
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
@@ -250,7 +250,7 @@ def _intra_op_threads(n: int) -> Iterator[None]:
 
 def _fingerprint(name: str, config: AdaLogConfig, model_kwargs, images: Tensor) -> dict:
     """What must match for saved calibration progress to be resumed."""
-    digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    digest = tensor_digest([images])
     fingerprint = {
         "model": name,
         "model_kwargs": model_kwargs or {},

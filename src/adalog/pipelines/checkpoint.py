@@ -3,12 +3,13 @@ AdaLog q and tables) plus ``adalog.json`` (model name, constructor kwargs, confi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from adalog import __version__
 from adalog.config import AdaLogConfig
@@ -24,6 +25,7 @@ META_FILE = "adalog.json"
 WEIGHTS_FILE = "model.safetensors"
 PROGRESS_META = "progress.json"
 PROGRESS_WEIGHTS = "progress.safetensors"
+EXTRAS_PREFIX = "__progress__."  # progress tensors that are not model state
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path) -> Path:
@@ -85,30 +87,37 @@ def ensure_fold_biases(model: nn.Module, state: dict) -> None:
 
 
 def save_progress(
-    model: nn.Module, directory: str | Path, done_blocks: list[str], fingerprint: dict[str, Any]
+    model: nn.Module,
+    directory: str | Path,
+    done_blocks: list[str],
+    fingerprint: dict[str, Any],
+    extras: dict[str, Tensor] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> None:
-    """Record a partly calibrated model: its state and the blocks already calibrated."""
+    """Record a partly calibrated (or reconstructed) model: its state, the blocks already done,
+    and optionally ``extras`` tensors (e.g. random generator states) and a JSON ``record``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state |= {EXTRAS_PREFIX + k: v.detach().contiguous() for k, v in (extras or {}).items()}
     atomic_write(directory / PROGRESS_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     meta = {"format_version": FORMAT_VERSION, "done_blocks": done_blocks} | fingerprint
-    atomic_write_json(directory / PROGRESS_META, meta)
+    atomic_write_json(directory / PROGRESS_META, meta | {"record": record or {}})
 
 
 def load_progress(
     model: nn.Module, directory: str | Path, fingerprint: dict[str, Any]
 ) -> list[str]:
-    """Restore the state saved by :func:`save_progress` and return the calibrated blocks
-    (none if ``directory`` holds no progress). Progress of another model, config or set of
-    calibration images is refused: resuming it would mix two calibrations."""
+    """Restore the state saved by :func:`save_progress` and return the blocks done (none if
+    ``directory`` holds no progress). Progress of another model, config or set of calibration
+    images is refused: resuming it would mix two runs."""
     meta_path = Path(directory) / PROGRESS_META
     if not meta_path.exists():
         return []
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{meta_path}: unreadable calibration progress ({exc})") from exc
+        raise ConfigError(f"{meta_path}: unreadable progress ({exc})") from exc
     if isinstance(meta.get("config"), dict):  # keys added to AdaLogConfig since: defaults
         try:
             meta["config"] = AdaLogConfig.from_dict(meta["config"]).to_dict()
@@ -117,7 +126,7 @@ def load_progress(
     differing = [k for k in fingerprint if meta.get(k) != fingerprint[k]]
     if meta.get("format_version") != FORMAT_VERSION or differing:
         raise ConfigError(
-            f"{meta_path} records another calibration (differs in: "
+            f"{meta_path} records another run (differs in: "
             f"{', '.join(differing) or 'format_version'}); use a fresh resume folder"
         )
     state = read_progress_state(directory)
@@ -129,9 +138,30 @@ def load_progress(
     return list(meta["done_blocks"])
 
 
+def tensor_digest(tensors: list[Tensor]) -> str:
+    """SHA-256 of the tensors' bytes in order: identifies images or a model state in a
+    progress fingerprint."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def read_progress_state(directory: str | Path) -> dict:
-    """The state saved by :func:`save_progress` (pre-fold: §4's shift not yet in the bias)."""
-    return read_state_dict(Path(directory) / PROGRESS_WEIGHTS)
+    """The model state saved by :func:`save_progress` (pre-fold: §4's shift not yet in the
+    bias)."""
+    state = read_state_dict(Path(directory) / PROGRESS_WEIGHTS)
+    return {k: v for k, v in state.items() if not k.startswith(EXTRAS_PREFIX)}
+
+
+def read_progress_extras(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The ``extras`` tensors and the ``record`` that :func:`save_progress` stored with the
+    state (both empty if none were given)."""
+    directory = Path(directory)
+    state = read_state_dict(directory / PROGRESS_WEIGHTS)
+    extras = {k[len(EXTRAS_PREFIX) :]: v for k, v in state.items() if k.startswith(EXTRAS_PREFIX)}
+    meta = json.loads((directory / PROGRESS_META).read_text(encoding="utf-8"))
+    return extras, meta.get("record", {})
 
 
 def _adopt_shapes(model: nn.Module, state: dict) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,12 @@ from tqdm import tqdm
 from adalog.errors import ConfigError, DataError
 from adalog.models.qmodules import QuantLinear, set_quant_mode
 from adalog.pipelines.calibrate import fold_post_gelu_shift
+from adalog.pipelines.checkpoint import (
+    load_progress,
+    read_progress_extras,
+    save_progress,
+    tensor_digest,
+)
 from adalog.quant import LogQuantizer
 from adalog.recon.blocks import BlockTraining, prepare_block, reconstruction_blocks
 from adalog.recon.config import ReconstructConfig
@@ -36,6 +43,7 @@ def reconstruct(
     config: ReconstructConfig | None = None,
     progress: bool = True,
     stats: dict[str, dict[str, float]] | None = None,
+    resume_dir: str | Path | None = None,
 ) -> nn.Module:
     """Reconstruct a calibrated model (from ``adalog.quantize`` or ``load_quantized``) in place.
 
@@ -44,6 +52,9 @@ def reconstruct(
     wall seconds, the reconstruction loss of the first and last iterations, and the loss on a
     fixed probe batch without QDrop before and after training (``probe_before``/``_after``);
     the end-to-end stage (``config.network_iterations``) reports under ``"network"``.
+    With ``resume_dir`` the model, the random generators and ``stats`` are saved there after
+    every unit (and after the end-to-end stage); rerunning with the same starting model,
+    config and images continues after the last saved unit, bit for bit as an uninterrupted run.
     """
     config = ReconstructConfig.fast() if config is None else config
     stats = {} if stats is None else stats
@@ -72,18 +83,29 @@ def reconstruct(
     )
     names = reconstruction_blocks(model) if config.iterations > 0 else []
     gens = _Generators(config.seed, device)
+    stages = names + (["network"] if config.network_iterations > 0 else [])
+    done: list[str] = []
+    if resume_dir is not None:
+        fingerprint = _fingerprint(model, config, images)
+        done = _resume(model, resume_dir, fingerprint, gens, stats)
     total = len(names) * config.iterations + config.network_iterations
-    bar = tqdm(total=total, desc="reconstruct", disable=not progress)
+    initial = sum(config.iterations for name in names if name in done)
+    initial += config.network_iterations if "network" in done else 0
+    bar = tqdm(total=total, initial=initial, desc="reconstruct", disable=not progress)
     try:
-        for name in names:
+        for name in stages:
+            if name in done:
+                continue
             start = time.perf_counter()
-            block_data = _block_data(model, fp_model, name, data, config, gens)
-            losses = _train_block(model, name, block_data, config, gens, bar)
+            if name == "network":
+                losses = _train_network(model, fp_model, data, config, gens, bar)
+            else:
+                block_data = _block_data(model, fp_model, name, data, config, gens)
+                losses = _train_block(model, name, block_data, config, gens, bar)
             stats[name] = {"seconds": time.perf_counter() - start} | losses
-        if config.network_iterations > 0:
-            start = time.perf_counter()
-            losses = _train_network(model, fp_model, data, config, gens, bar)
-            stats["network"] = {"seconds": time.perf_counter() - start} | losses
+            if resume_dir is not None:
+                done.append(name)
+                save_progress(model, resume_dir, done, fingerprint, gens.states(), stats)
     finally:
         bar.close()
         for param, flag in grad_flags.items():
@@ -99,6 +121,46 @@ class _Generators:
     def __init__(self, seed: int, device: torch.device) -> None:
         self.cpu = torch.Generator().manual_seed(seed + 1)
         self.device = torch.Generator(device=device).manual_seed(seed + 2)
+
+    def states(self) -> dict[str, Tensor]:
+        """These streams' states and torch's global one, to resume a run."""
+        return {
+            "rng_cpu": self.cpu.get_state(),
+            "rng_device": self.device.get_state(),
+            "rng_global": torch.get_rng_state(),
+        }
+
+    def restore(self, states: dict[str, Tensor]) -> None:
+        self.cpu.set_state(states["rng_cpu"])
+        self.device.set_state(states["rng_device"])
+        torch.set_rng_state(states["rng_global"])
+
+
+def _fingerprint(model: nn.Module, config: ReconstructConfig, images: Tensor) -> dict:
+    """What must match for saved reconstruction progress to be resumed: the starting model
+    (its whole state), the config and the images."""
+    state = model.state_dict()
+    return {
+        "reconstruct": config.to_dict(),
+        "start_state_sha256": tensor_digest([state[k] for k in sorted(state)]),
+        "images_sha256": tensor_digest([images]),
+    }
+
+
+def _resume(
+    model: nn.Module,
+    directory: str | Path,
+    fingerprint: dict,
+    gens: _Generators,
+    stats: dict,
+) -> list[str]:
+    """Load saved progress into ``model``, ``gens`` and ``stats``; the units already done."""
+    done = load_progress(model, directory, fingerprint)
+    if done:
+        extras, record = read_progress_extras(directory)
+        gens.restore(extras)
+        stats.update(record)
+    return done
 
 
 def unfold_post_gelu_shift(model: nn.Module) -> None:
