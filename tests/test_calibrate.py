@@ -1,5 +1,6 @@
 """End-to-end calibration on small random timm models: folds, determinism, checkpoints, CLI."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import adalog.pipelines.calibrate as calibrate_module
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.models.qmodules import QuantLinear, QuantModule, set_quant_mode
+from adalog.models.rotation import random_orthogonal, rotate_value_heads
 from adalog.pipelines.checkpoint import load_quantized
 from adalog.quant import LogQuantizer, TwinUniformQuantizer
 
@@ -342,7 +344,61 @@ def test_8bit_patch_embed_needs_the_conv_zero_point_cap():
 
 def test_cli_switches_map_to_config_overrides():
     base = ["quantize", "--model", "m", "--calib-data", "d", "--out", "o"]
-    args = adalog.cli.build_parser().parse_args([*base, "--fc2-token-norm", "--no-fpcs"])
-    assert adalog.cli.variant_overrides(args) == {"fc2_token_norm": True, "fpcs": False}
+    args = adalog.cli.build_parser().parse_args(
+        [*base, "--fc2-token-norm", "--no-fpcs", "--rotate-values"]
+    )
+    assert adalog.cli.variant_overrides(args) == {
+        "fc2_token_norm": True,
+        "fpcs": False,
+        "rotate_values": True,
+    }
     assert args.search_workers == 1
     assert adalog.cli.variant_overrides(adalog.cli.build_parser().parse_args(base)) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("vit_tiny_patch16_224", VIT_KW), ("swin_tiny_patch4_window7_224", SWIN_KW)],
+)
+def test_value_rotation_is_exact_in_float_and_orthogonal(name, kwargs):
+    model, images = _model(name, kwargs), _images()
+    with torch.no_grad():
+        before = model(images)
+        rotated = copy.deepcopy(model)
+        assert rotate_value_heads(rotated) == len(
+            kwargs.get("depths", [0] * kwargs.get("depth", 0))
+        )
+        after = rotated(images)
+    assert _relative(after, before) < 1e-5
+    changed = [
+        k for k, v in rotated.state_dict().items() if not torch.equal(v, model.state_dict()[k])
+    ]
+    assert changed and all(k.endswith(("qkv.weight", "qkv.bias", "proj.weight")) for k in changed)
+    q = random_orthogonal(16, seed=3)
+    assert torch.allclose(q @ q.T, torch.eye(16, dtype=q.dtype), atol=1e-12)
+    assert torch.equal(q, random_orthogonal(16, seed=3))
+
+
+def test_rotate_values_option_calibrates_a_rotated_model(tmp_path: Path):
+    """The option rotates before wrapping: same as calibrating a rotated FP model; the saved
+    checkpoint holds the rotated weights, so loading does not rotate again."""
+    config = SMALL.with_overrides(rotate_values=True)
+    model = adalog.quantize(
+        _model("vit_tiny_patch16_224", VIT_KW),
+        _images(),
+        config,
+        progress=False,
+        model_kwargs=VIT_KW,
+    )
+    rotated = _model("vit_tiny_patch16_224", VIT_KW)
+    rotate_value_heads(rotated)
+    manual = adalog.quantize(rotated, _images(), SMALL, progress=False)
+    assert all(torch.equal(v, manual.state_dict()[k]) for k, v in model.state_dict().items())
+    plain = adalog.quantize(
+        _model("vit_tiny_patch16_224", VIT_KW), _images(), SMALL, progress=False
+    )
+    assert not torch.equal(plain.blocks[0].attn.proj.weight, model.blocks[0].attn.proj.weight)
+    adalog.save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(_images()), model(_images()))

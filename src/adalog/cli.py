@@ -237,6 +237,12 @@ def _add_variant_args(parser: argparse.ArgumentParser) -> None:
         help="score the post-GELU fc2 searches with each token's error divided by its input's "
         "squared norm (beyond the reference)",
     )
+    parser.add_argument(
+        "--rotate-values",
+        action="store_true",
+        help="rotate each attention head's values and proj's matching input columns by a fixed "
+        "random orthogonal matrix before calibration (exact in float; beyond the reference)",
+    )
 
 
 def variant_overrides(args: argparse.Namespace) -> dict:
@@ -256,6 +262,8 @@ def variant_overrides(args: argparse.Namespace) -> dict:
         overrides["fpcs"] = False
     if args.fc2_token_norm:
         overrides["fc2_token_norm"] = True
+    if args.rotate_values:
+        overrides["rotate_values"] = True
     return overrides
 
 

@@ -107,6 +107,10 @@ class AdaLogConfig(SerialisableConfig):
     # with each token's squared output error divided by its input's squared norm, so that the
     # few massive-activation tokens do not decide the grids; False is the reference's plain sum.
     fc2_token_norm: bool = False
+    # Beyond the reference: before calibration, rotate each attention head's values and the
+    # matching proj input columns by a fixed random orthogonal matrix (exact in float, free at
+    # run time; adalog.models.rotation). False is the reference.
+    rotate_values: bool = False
     gptq_damp: float = 0.1
     gptq_views: int = 256
     calib_size: int = 32

@@ -22,6 +22,7 @@ from adalog.data import LabeledImageFolder, calibration_transform, scan_image_fo
 from adalog.errors import DataError
 from adalog.models.hooks import StopForward, forward_batches, forward_hooks
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
+from adalog.models.rotation import rotate_value_heads
 from adalog.models.wrap import Target, wrap_model
 from adalog.pipelines.checkpoint import (
     load_partial_state,
@@ -131,6 +132,8 @@ def calibrate(
         )
     seed_everything(config.seed)
     model.eval()
+    if config.rotate_values:
+        rotate_value_heads(model)
     targets = wrap_model(model, config)
     model.eval()
     settings = SearchSettings(
