@@ -26,6 +26,7 @@ from adalog.config import AdaLogConfig
 from adalog.io import atomic_write_json
 from adalog.models import create_model
 from adalog.models.hooks import forward_batches, forward_hooks
+from adalog.models.rotation import random_orthogonal
 from adalog.models.wrap import wrap_model
 from adalog.search.procedures import SearchSettings, calibrate_linear, channelwise_input_search
 
@@ -45,13 +46,6 @@ def partial_fold(norm, module, x, settings, alpha: float):
         module.ensure_bias().add_(module.weight @ delta)
     module.input_quant.set_params(s_star.reshape(1), z_star.reshape(1))
     return norm, module, x / r - delta
-
-
-def random_rotation(size: int, seed: int = 0) -> torch.Tensor:
-    """A seeded random orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal)."""
-    g = torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    q, r = torch.linalg.qr(g)
-    return (q * r.diagonal().sign()).float()
 
 
 def rotate(module, x, rotation):
@@ -110,7 +104,7 @@ def main() -> None:
             _, module, x_folded = partial_fold(norm, target.module, x, settings, alpha)
             variants = [(str(alpha), module, x_folded)]
             if args.rotate:
-                rotation = random_rotation(x.shape[1])
+                rotation = random_orthogonal(x.shape[1], seed=0).float()
                 variants.append((f"{alpha}+rot", *rotate(module, x_folded, rotation)))
             for key, variant, inputs in variants:
                 calibrate_linear(

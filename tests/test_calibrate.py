@@ -21,6 +21,7 @@ from adalog.quant import LogQuantizer, TwinUniformQuantizer
 SMALL = AdaLogConfig.w4a4(eq_n=32, search_rounds=1, fpcs_steps=2)
 VIT_KW = {"depth": 2, "img_size": 64, "patch_size": 16}
 SWIN_KW = {"img_size": 64, "window_size": 4, "depths": (1, 1), "num_heads": (1, 2), "embed_dim": 24}
+FAMILIES = [("vit_tiny_patch16_224", VIT_KW), ("swin_tiny_patch4_window7_224", SWIN_KW)]
 
 
 def _model(name: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
@@ -36,10 +37,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize(
-    ("name", "kwargs"),
-    [("vit_tiny_patch16_224", VIT_KW), ("swin_tiny_patch4_window7_224", SWIN_KW)],
-)
+@pytest.mark.parametrize(("name", "kwargs"), FAMILIES)
 def test_layernorm_fold_keeps_fp_network(name, kwargs):
     model, images = _model(name, kwargs), _images()
     with torch.no_grad():
@@ -98,10 +96,7 @@ def test_same_seed_gives_bit_identical_parameters():
         assert torch.equal(states[0][key], states[1][key]), key
 
 
-@pytest.mark.parametrize(
-    ("name", "kwargs"),
-    [("vit_tiny_patch16_224", VIT_KW), ("swin_tiny_patch4_window7_224", SWIN_KW)],
-)
+@pytest.mark.parametrize(("name", "kwargs"), FAMILIES)
 def test_parallel_module_searches_equal_one_thread_sequential(name, kwargs, monkeypatch):
     """Two workers with one intra-op thread each give the one-thread sequential result bit for
     bit, search every module once, and restore the caller's thread count."""
@@ -132,10 +127,7 @@ def test_parallel_module_searches_equal_one_thread_sequential(name, kwargs, monk
         assert torch.equal(value, expected[key]), key
 
 
-@pytest.mark.parametrize(
-    ("name", "kwargs"),
-    [("vit_tiny_patch16_224", VIT_KW), ("swin_tiny_patch4_window7_224", SWIN_KW)],
-)
+@pytest.mark.parametrize(("name", "kwargs"), FAMILIES)
 def test_interrupted_calibration_resumes_to_the_same_parameters(
     tmp_path: Path, monkeypatch, name, kwargs
 ):
@@ -356,10 +348,7 @@ def test_cli_switches_map_to_config_overrides():
     assert adalog.cli.variant_overrides(adalog.cli.build_parser().parse_args(base)) == {}
 
 
-@pytest.mark.parametrize(
-    ("name", "kwargs"),
-    [("vit_tiny_patch16_224", VIT_KW), ("swin_tiny_patch4_window7_224", SWIN_KW)],
-)
+@pytest.mark.parametrize(("name", "kwargs"), FAMILIES)
 def test_value_rotation_is_exact_in_float_and_orthogonal(name, kwargs):
     model, images = _model(name, kwargs), _images()
     with torch.no_grad():
