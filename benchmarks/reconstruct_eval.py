@@ -102,6 +102,8 @@ def main() -> None:
     eval_images, labels = dev_rest_head(model, args.eval_limit or 10**9)
     fp_logits = _fp_logits(model, eval_images)
     calibrated_scores = score_logits(batched_logits(model, eval_images), fp_logits, labels)
+    calib_fp_logits = _fp_logits(model, images)
+    calib_before = _calib_scores(model, images, calib_fp_logits)
     stats: dict = {}
     start = time.perf_counter()
     reconstruct(model, images, recon, stats=stats, resume_dir=args.resume)
@@ -114,6 +116,10 @@ def main() -> None:
         "kl_to_fp": scores["kl_to_fp"],
         "agree_with_fp": scores["agree_with_fp"],
         "calibrated": calibrated_scores,
+        "calib_kl_to_fp": {
+            "calibrated": calib_before,
+            "reconstructed": _calib_scores(model, images, calib_fp_logits),
+        },
         "config": config.to_dict(),
         "reconstruct": recon.to_dict(),
         "calib_seconds": calib_seconds,
@@ -130,6 +136,11 @@ def main() -> None:
         f"| KL {scores['kl_to_fp']:.3f} (calibrated {calibrated_scores['kl_to_fp']:.3f}) "
         f"| {recon_seconds / 60:.1f} min | {row['peak_rss_mb']:.0f} MB |"
     )
+
+
+def _calib_scores(model: torch.nn.Module, images: torch.Tensor, fp_logits: torch.Tensor) -> float:
+    """Mean KL(FP || Q) of the logits on the calibration images (no labels needed)."""
+    return score_logits(batched_logits(model, images), fp_logits, fp_logits.argmax(-1))["kl_to_fp"]
 
 
 def _fp_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

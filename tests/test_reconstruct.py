@@ -183,6 +183,25 @@ def test_augmented_views_are_seeded_crops_of_the_given_images():
     assert torch.equal(augmented_views(images, 3, 0.25, True, seed=3), images[:3])
 
 
+def test_mixed_views_paste_a_box_of_another_image():
+    """mix_prob=0 leaves the draws alone; with mix_prob=1 the first crop (drawn identically in
+    both runs) differs from the unmixed one inside one rectangle of a quarter to three quarters
+    of the image, and only there."""
+    images = _images(4, 32)
+    plain = augmented_views(images, 12, 0.25, True, seed=3)
+    assert torch.equal(plain, augmented_views(images, 12, 0.25, True, seed=3, mix_prob=0.0))
+    mixed = augmented_views(images, 12, 0.25, True, seed=3, mix_prob=1.0)
+    assert torch.equal(mixed, augmented_views(images, 12, 0.25, True, seed=3, mix_prob=1.0))
+    assert torch.equal(mixed[:4], images)
+    changed = (mixed[4] != plain[4]).any(0)
+    rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+    box = changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert 0.2 * 32 * 32 <= box.numel() <= 0.8 * 32 * 32
+    assert int(changed.sum()) > 0.9 * box.numel()  # a filled rectangle, nothing outside it
+    with pytest.raises(ConfigError, match="mix_prob"):
+        ReconstructConfig.fast(mix_prob=1.5)
+
+
 # --- pipeline ---------------------------------------------------------------------------------
 
 
@@ -528,12 +547,36 @@ def test_interrupted_run_resumes_bit_for_bit(calibrated, tmp_path: Path, monkeyp
     assert stats[calls[0]]["probe_after"] == whole_stats[calls[0]]["probe_after"]
 
 
+def test_resume_accepts_progress_saved_before_a_config_field_existed(
+    calibrated, tmp_path: Path, monkeypatch
+):
+    """Progress written by a version whose ReconstructConfig lacked a field (here mix_prob)
+    resumes when the field is at its default: the run is the same."""
+    model, images, _ = calibrated
+    config = TINY.with_overrides(iterations=2)
+    adalog.reconstruct(copy.deepcopy(model), images, config, False, resume_dir=tmp_path)
+    meta_path = tmp_path / "progress.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["reconstruct"]["mix_prob"]
+    meta_path.write_text(json.dumps(meta))
+    import adalog.pipelines.reconstruct as recon
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("every unit was done: nothing should be trained again")
+
+    monkeypatch.setattr(recon, "_train_block", must_not_train)
+    stats: dict = {}
+    adalog.reconstruct(copy.deepcopy(model), images, config, False, stats, resume_dir=tmp_path)
+    assert sorted(stats) == sorted(meta["record"])
+
+
 def test_resume_refuses_progress_of_another_run(calibrated, tmp_path: Path):
     model, images, _ = calibrated
     config = TINY.with_overrides(iterations=2)
     adalog.reconstruct(copy.deepcopy(model), images, config, False, resume_dir=tmp_path)
     for other_config, other_images in (
         (config.with_overrides(seed=9), images),
+        (config.with_overrides(mix_prob=0.5), images),
         (config, images.flip(-1)),
     ):
         with pytest.raises(ConfigError, match="another run"):

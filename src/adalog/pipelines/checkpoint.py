@@ -19,6 +19,7 @@ from adalog.models import create_model, load_weights, read_state_dict
 from adalog.models.qmodules import QuantLinear, set_quant_mode
 from adalog.models.wrap import wrap_model
 from adalog.quant import UniformQuantizer
+from adalog.recon.config import ReconstructConfig
 
 FORMAT_VERSION = 1
 META_FILE = "adalog.json"
@@ -118,11 +119,12 @@ def load_progress(
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{meta_path}: unreadable progress ({exc})") from exc
-    if isinstance(meta.get("config"), dict):  # keys added to AdaLogConfig since: defaults
-        try:
-            meta["config"] = AdaLogConfig.from_dict(meta["config"]).to_dict()
-        except ConfigError:
-            pass  # reported as a differing config below
+    for key, config_type in (("config", AdaLogConfig), ("reconstruct", ReconstructConfig)):
+        if isinstance(meta.get(key), dict):  # fields added to the config since: defaults
+            try:
+                meta[key] = config_type.from_dict(meta[key]).to_dict()
+            except ConfigError:
+                pass  # reported as a differing config below
     differing = [k for k in fingerprint if meta.get(k) != fingerprint[k]]
     if meta.get("format_version") != FORMAT_VERSION or differing:
         raise ConfigError(

@@ -79,7 +79,7 @@ def reconstruct(
     model.requires_grad_(False)
     device = next(model.parameters()).device
     data = augmented_views(
-        images, config.data_size, config.crop_scale_min, config.hflip, config.seed
+        images, config.data_size, config.crop_scale_min, config.hflip, config.seed, config.mix_prob
     )
     names = reconstruction_blocks(model) if config.iterations > 0 else []
     gens = _Generators(config.seed, device)

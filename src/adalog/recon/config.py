@@ -35,7 +35,8 @@ class ReconstructConfig(SerialisableConfig):
     unaugmented views and ``keep_if_worse`` is False. ``iterations=0`` skips the block stage.
     The data are
     ``data_size`` seeded views (crops, flips) of the calibration images: the originals first,
-    then random crops.
+    then random crops; ``mix_prob > 0`` pastes a rectangle of another image's crop into that
+    share of the crops (CutMix without labels; the reference has no such step).
     """
 
     config_kind = "reconstruction config"  # for error messages; not a field
@@ -45,6 +46,7 @@ class ReconstructConfig(SerialisableConfig):
     data_size: int = 1024
     crop_scale_min: float = 0.25
     hflip: bool = True
+    mix_prob: float = 0.0
     weight_lr: float = 1e-3
     act_lr: float = 4e-5
     train_weights: bool = True
@@ -79,6 +81,7 @@ class ReconstructConfig(SerialisableConfig):
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         _check_unit("warmup", self.warmup, closed=True)
         _check_unit("drop_prob", self.drop_prob, closed=False)
+        _check_unit("mix_prob", self.mix_prob, closed=True)
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min!r}")
         _check_choice("input_source", self.input_source, INPUT_SOURCES)

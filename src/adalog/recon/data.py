@@ -3,7 +3,10 @@
 The reference reconstructs on 1024 further training images (§7.2); here only the calibration
 images are available, so the set is built from them: every image once as given, then random
 resized crops (area ``[crop_scale_min, 1]``, aspect ``[3/4, 4/3]``) with optional horizontal
-flips, cycling through the images, all drawn from one seeded generator.
+flips, cycling through the images, all drawn from one seeded generator. With ``mix_prob > 0``
+(beyond the reference) each crop, with that probability, gets a rectangle (a quarter to three
+quarters of its area) pasted from a crop of another calibration image (CutMix without labels:
+the targets are the FP model's own outputs), so the few images yield more varied activations.
 """
 
 from __future__ import annotations
@@ -21,19 +24,46 @@ from adalog.models.hooks import StopForward, run_forward
 
 
 def augmented_views(
-    images: Tensor, size: int, crop_scale_min: float, hflip: bool, seed: int
+    images: Tensor,
+    size: int,
+    crop_scale_min: float,
+    hflip: bool,
+    seed: int,
+    mix_prob: float = 0.0,
 ) -> Tensor:
-    """``size`` images of the shape of ``images``: the originals first, then seeded crops."""
+    """``size`` images of the shape of ``images``: the originals first, then seeded crops, a
+    ``mix_prob`` share of them mixed with a crop of another image (the draws of a run without
+    mixing do not depend on ``mix_prob``'s code path: it draws nothing extra)."""
     if images.dim() != 4 or images.shape[0] == 0:
         raise DataError(f"images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
     n = images.shape[0]
     if size <= n:
         return images[:size].clone()
     g = torch.Generator().manual_seed(seed)
-    views = [images] + [
-        _random_view(images[i % n], crop_scale_min, hflip, g) for i in range(n, size)
-    ]
-    return torch.cat([v if v.dim() == 4 else v[None] for v in views])
+    views = [images]
+    for i in range(n, size):
+        view = _random_view(images[i % n], crop_scale_min, hflip, g)
+        if mix_prob > 0 and n > 1 and _uniform(g, 0.0, 1.0) < mix_prob:
+            other = (i + int(torch.randint(1, n, (1,), generator=g))) % n
+            patch = _random_view(images[other], crop_scale_min, hflip, g)
+            view = _paste_box(view, patch, g)
+        views.append(view[None])
+    return torch.cat(views)
+
+
+def _paste_box(view: Tensor, patch: Tensor, g: torch.Generator) -> Tensor:
+    """``view`` with a random rectangle of ``patch`` (same place) pasted in: area fraction
+    uniform in [1/4, 3/4], aspect ``[3/4, 4/3]``."""
+    _, height, width = view.shape
+    area = height * width * _uniform(g, 0.25, 0.75)
+    ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
+    w = min(width, max(1, round(math.sqrt(area * ratio))))
+    h = min(height, max(1, round(math.sqrt(area / ratio))))
+    top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+    left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+    mixed = view.clone()
+    mixed[:, top : top + h, left : left + w] = patch[:, top : top + h, left : left + w]
+    return mixed
 
 
 def _random_view(image: Tensor, crop_scale_min: float, hflip: bool, g: torch.Generator) -> Tensor:
