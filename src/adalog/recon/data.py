@@ -32,8 +32,8 @@ def augmented_views(
     mix_prob: float = 0.0,
 ) -> Tensor:
     """``size`` images of the shape of ``images``: the originals first, then seeded crops, a
-    ``mix_prob`` share of them mixed with a crop of another image (the draws of a run without
-    mixing do not depend on ``mix_prob``'s code path: it draws nothing extra)."""
+    ``mix_prob`` share of them mixed with a crop of another image. ``mix_prob=0`` makes no
+    extra random draws, so its views are those of versions without the option."""
     if images.dim() != 4 or images.shape[0] == 0:
         raise DataError(f"images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
     n = images.shape[0]
@@ -52,15 +52,10 @@ def augmented_views(
 
 
 def _paste_box(view: Tensor, patch: Tensor, g: torch.Generator) -> Tensor:
-    """``view`` with a random rectangle of ``patch`` (same place) pasted in: area fraction
-    uniform in [1/4, 3/4], aspect ``[3/4, 4/3]``."""
+    """``view`` with a random rectangle of ``patch`` (same place), a quarter to three quarters
+    of the area, pasted in."""
     _, height, width = view.shape
-    area = height * width * _uniform(g, 0.25, 0.75)
-    ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
-    w = min(width, max(1, round(math.sqrt(area * ratio))))
-    h = min(height, max(1, round(math.sqrt(area / ratio))))
-    top = int(torch.randint(0, height - h + 1, (1,), generator=g))
-    left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+    top, left, h, w = _random_box(height, width, 0.25, 0.75, g)
     mixed = view.clone()
     mixed[:, top : top + h, left : left + w] = patch[:, top : top + h, left : left + w]
     return mixed
@@ -68,17 +63,26 @@ def _paste_box(view: Tensor, patch: Tensor, g: torch.Generator) -> Tensor:
 
 def _random_view(image: Tensor, crop_scale_min: float, hflip: bool, g: torch.Generator) -> Tensor:
     _, height, width = image.shape
-    area = height * width * _uniform(g, crop_scale_min, 1.0)
-    ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
-    w = min(width, max(1, round(math.sqrt(area * ratio))))
-    h = min(height, max(1, round(math.sqrt(area / ratio))))
-    top = int(torch.randint(0, height - h + 1, (1,), generator=g))
-    left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+    top, left, h, w = _random_box(height, width, crop_scale_min, 1.0, g)
     crop = image[None, :, top : top + h, left : left + w]
     view = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[0]
     if hflip and _uniform(g, 0.0, 1.0) < 0.5:
         view = view.flip(-1)
     return view
+
+
+def _random_box(
+    height: int, width: int, area_lo: float, area_hi: float, g: torch.Generator
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random rectangle inside ``height x width``: area fraction
+    uniform in ``[area_lo, area_hi]``, aspect ratio log-uniform in ``[3/4, 4/3]``."""
+    area = height * width * _uniform(g, area_lo, area_hi)
+    ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
+    w = min(width, max(1, round(math.sqrt(area * ratio))))
+    h = min(height, max(1, round(math.sqrt(area / ratio))))
+    top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+    left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+    return top, left, h, w
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
