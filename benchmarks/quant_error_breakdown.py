@@ -14,18 +14,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import torch
+from gptq_layers import batched_logits, dev_rest_head, score_logits
 from torch import nn
 
 from adalog.io import atomic_write_json
 from adalog.models.qmodules import QuantModule, set_quant_mode
 from adalog.pipelines.checkpoint import load_quantized
-from adalog.pipelines.evaluate import build_eval_loader
 from adalog.pipelines.reconstruct import unfold_post_gelu_shift
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
 KINDS = (
     "patch_embed.proj",
     "attn.qkv",
@@ -52,27 +49,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     model = load_quantized(args.qdir)
-    loader = build_eval_loader(model, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
-    batches = []
-    for images, labels, _ in loader:
-        batches.append((images, labels))
-        if sum(len(b[1]) for b in batches) >= args.images:
-            break
-
+    images, labels = dev_rest_head(model, args.images)
     unfold_post_gelu_shift(model)
     set_quant_mode(model, False)
-    with torch.no_grad():
-        fp_log_probs = [model(x).log_softmax(1) for x, _ in batches]
+    fp_logits = batched_logits(model, images)
 
     def score() -> dict[str, float]:
-        hits, kl = 0, 0.0
-        with torch.no_grad():
-            for (x, y), reference in zip(batches, fp_log_probs, strict=True):
-                log_probs = model(x).log_softmax(1)
-                hits += int((log_probs.argmax(1) == y).sum())
-                kl += float((reference.exp() * (reference - log_probs)).sum())
-        n = sum(len(y) for _, y in batches)
-        return {"top1": hits / n, "kl_to_fp": kl / n}
+        return score_logits(batched_logits(model, images), fp_logits, labels)
 
     set_quant_mode(model, True)
     result = {"all_quantized": score(), "kind_left_in_float": {}}
@@ -96,7 +79,7 @@ def main() -> None:
                 result["operand_left_in_float"][f"{kind} {attr}"] = score()
                 for m, quant in zip(modules, saved, strict=True):
                     setattr(m, attr, quant)
-    result["images"] = sum(len(y) for _, y in batches)
+    result["images"] = len(labels)
     atomic_write_json(args.out, result)
     print("| left in float | top-1 | KL to FP |\n|---|---|---|")
     rows = {"nothing": result["all_quantized"], **result["kind_left_in_float"]}

@@ -100,9 +100,8 @@ def main() -> None:
         calibrate(model, images, config)
         calib_seconds = time.perf_counter() - start
     eval_images, labels = dev_rest_head(model, args.eval_limit or 10**9)
-    fp_logits = _fp_logits(model, eval_images)
+    fp_logits, calib_fp_logits = _fp_logits(model, eval_images, images)
     calibrated_scores = score_logits(batched_logits(model, eval_images), fp_logits, labels)
-    calib_fp_logits = _fp_logits(model, images)
     calib_before = _calib_scores(model, images, calib_fp_logits)
     stats: dict = {}
     start = time.perf_counter()
@@ -143,13 +142,14 @@ def _calib_scores(model: torch.nn.Module, images: torch.Tensor, fp_logits: torch
     return score_logits(batched_logits(model, images), fp_logits, fp_logits.argmax(-1))["kl_to_fp"]
 
 
-def _fp_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Logits of the FP model: the calibrated model unfolded and in raw mode (its weights are
-    the FP weights under nearest rounding, the only rounding reconstruction accepts)."""
+def _fp_logits(model: torch.nn.Module, *image_sets: torch.Tensor) -> list[torch.Tensor]:
+    """Logits of the FP model on each image set: the calibrated model unfolded and in raw mode
+    (its weights are the FP weights under nearest rounding, the only rounding reconstruction
+    accepts)."""
     fp = copy.deepcopy(model)
     unfold_post_gelu_shift(fp)
     set_quant_mode(fp, False)
-    return batched_logits(fp, images)
+    return [batched_logits(fp, images) for images in image_sets]
 
 
 if __name__ == "__main__":
