@@ -225,6 +225,55 @@ def test_reconstruction_units():
     assert torch.isfinite(after).all() and not torch.equal(before, after)
 
 
+@pytest.mark.parametrize("source", ["quantized", "fp"])
+def test_carried_block_data_equals_a_capture_from_the_images(calibrated, monkeypatch, source):
+    """A block that reads the previous unit's output gets its data from that unit's (carried
+    over, not recaptured); the result is bit for bit what capturing from the images gives,
+    also for a last chunk smaller than the batch, and the carried tensors stay untouched."""
+    import adalog.pipelines.reconstruct as recon
+
+    model, images, _ = calibrated
+    config = TINY.with_overrides(
+        iterations=4, data_size=13, input_source=source, drop_prob=0.5, loss="token_norm"
+    )
+    block_data, checked = recon._block_data, []
+
+    def carried_and_fresh(model, fp_model, name, data, config, gens, previous=None):
+        kept = None if previous is None else copy.deepcopy(vars(previous[1]))
+        carried = block_data(model, fp_model, name, data, config, gens, previous)
+        if previous is not None and recon.follows(model, previous[0], name):
+            fresh = block_data(model, fp_model, name, data, config, gens, None)
+            assert _same_fields(vars(fresh), vars(carried)), name
+            assert _same_fields(kept, vars(previous[1])), name
+            checked.append(name)
+        return carried
+
+    monkeypatch.setattr(recon, "_block_data", carried_and_fresh)
+    adalog.reconstruct(copy.deepcopy(model), images, config, progress=False)
+    assert checked == ["blocks.1"]
+
+
+def _same_fields(a: dict, b: dict) -> bool:
+    """Equal keys, and each pair of values both None or bit-identical tensors."""
+    if a.keys() != b.keys():
+        return False
+    return all(a[k] is b[k] if a[k] is None else torch.equal(a[k], b[k]) for k in a)
+
+
+def test_only_consecutive_sequential_members_follow_each_other():
+    from adalog.pipelines.reconstruct import follows
+
+    vit = _fp_model()
+    assert follows(vit, "blocks.0", "blocks.1")
+    assert not follows(vit, "blocks.1", "blocks.0")
+    assert not follows(vit, "patch_embed", "blocks.0")
+    assert not follows(vit, "blocks.1", "head")
+    swin = _fp_model("swin_tiny_patch4_window7_224", SWIN_KW | {"depths": (2, 1)})
+    assert follows(swin, "layers.0.blocks.0", "layers.0.blocks.1")
+    assert not follows(swin, "layers.0.blocks.1", "layers.1.downsample")
+    assert not follows(swin, "layers.0.blocks.1", "layers.1.blocks.0")
+
+
 def test_weights_end_on_grid_and_model_is_restored(reconstructed, calibrated):
     model, stats = reconstructed
     assert list(stats) == ["patch_embed", "blocks.0", "blocks.1", "head"]
@@ -513,14 +562,17 @@ def test_units_worse_after_training_can_be_reverted(calibrated):
             assert torch.equal(value, calib[f"{name}.{key}"]), (name, key)
 
 
-def test_interrupted_run_resumes_bit_for_bit(calibrated, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("loss", ["fisher", "mse"])
+def test_interrupted_run_resumes_bit_for_bit(calibrated, tmp_path: Path, monkeypatch, loss):
     """Stopped after two units, then rerun on the same folder: the result equals an
-    uninterrupted run's, random streams (batch order, QDrop, Fisher labels) included."""
+    uninterrupted run's, random streams (batch order, QDrop, Fisher labels) included. With
+    "mse" the resumed run captures blocks.1's data from the images, where the uninterrupted
+    run carried it over from blocks.0."""
     import adalog.pipelines.reconstruct as recon
 
     model, images, _ = calibrated
     config = TINY.with_overrides(
-        iterations=6, input_source="quantized", drop_prob=0.5, loss="fisher", network_iterations=3
+        iterations=6, input_source="quantized", drop_prob=0.5, loss=loss, network_iterations=3
     )
     whole_stats: dict = {}
     whole = adalog.reconstruct(copy.deepcopy(model), images, config, False, whole_stats)

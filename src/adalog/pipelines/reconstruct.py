@@ -32,7 +32,13 @@ from adalog.pipelines.checkpoint import (
 from adalog.quant import LogQuantizer
 from adalog.recon.blocks import BlockTraining, prepare_block, reconstruction_blocks
 from adalog.recon.config import ReconstructConfig
-from adalog.recon.data import BlockData, augmented_views, capture_fp, capture_inputs
+from adalog.recon.data import (
+    BlockData,
+    augmented_views,
+    capture_fp,
+    capture_inputs,
+    run_in_batches,
+)
 
 _POSTFIX_EVERY = 25
 
@@ -85,6 +91,7 @@ def reconstruct(
     gens = _Generators(config.seed, device)
     stages = names + (["network"] if config.network_iterations > 0 else [])
     done: list[str] = []
+    previous: tuple[str, BlockData] | None = None  # the last trained unit and its data
     if resume_dir is not None:
         fingerprint = _fingerprint(model, config, images)
         done = _resume(model, resume_dir, fingerprint, gens, stats)
@@ -100,8 +107,9 @@ def reconstruct(
             if name == "network":
                 losses = _train_network(model, fp_model, data, config, gens, bar)
             else:
-                block_data = _block_data(model, fp_model, name, data, config, gens)
+                block_data = _block_data(model, fp_model, name, data, config, gens, previous)
                 losses = _train_block(model, name, block_data, config, gens, bar)
+                previous = (name, block_data)
             stats[name] = {"seconds": time.perf_counter() - start} | losses
             if resume_dir is not None:
                 done.append(name)
@@ -188,19 +196,47 @@ def _block_data(
     data: Tensor,
     config: ReconstructConfig,
     gens: _Generators,
+    previous: tuple[str, BlockData] | None = None,
 ) -> BlockData:
-    """FP inputs/targets of the block; quantized-model inputs and Fisher weights if asked."""
+    """FP inputs/targets of the block; quantized-model inputs and Fisher weights if asked.
+
+    When the block directly reads the output of the ``previous`` trained unit (the next member
+    of the same ``nn.Sequential``), its FP inputs are that unit's FP targets and its quantized
+    inputs are that unit, as trained, applied to its own inputs: one block forward per view
+    instead of running both models from the images up to this block."""
     fisher = (
         _sampled_label_loss(gens.cpu) if config.loss == "fisher" and not _is_head(name) else None
     )
-    fp_x, y, grad_sq = capture_fp(fp_model, name, data, config.batch_size, fisher)
+    carry = previous is not None and fisher is None and follows(model, previous[0], name)
+    if carry:
+        fp_x = previous[1].targets
+        y = run_in_batches(fp_model.get_submodule(name), fp_x, config.batch_size)
+        grad_sq = None
+    else:
+        fp_x, y, grad_sq = capture_fp(fp_model, name, data, config.batch_size, fisher)
     weights = None if grad_sq is None else grad_sq / grad_sq.mean().clamp_min(1e-30)
     if config.loss == "token_norm" and not _is_head(name):
         weights = token_norm_weights(y)
     if config.input_source == "fp":
         return BlockData(fp_x, y, None, weights)
-    x = capture_inputs(model, name, data, config.batch_size)
+    if carry:
+        prev_name, prev_data = previous
+        x = run_in_batches(model.get_submodule(prev_name), prev_data.inputs, config.batch_size)
+    else:
+        x = capture_inputs(model, name, data, config.batch_size)
     return BlockData(x, y, fp_x if config.drop_prob > 0 else None, weights)
+
+
+def follows(model: nn.Module, previous: str, name: str) -> bool:
+    """Whether unit ``name`` reads exactly the output of unit ``previous``: consecutive
+    members of one ``nn.Sequential`` (ViT ``blocks.3`` -> ``blocks.4``, Swin blocks of a
+    stage); anything else (patch embedding -> first block, last block -> head) is not."""
+    parent, _, index = previous.rpartition(".")
+    other_parent, _, other_index = name.rpartition(".")
+    if parent != other_parent or not (index.isdigit() and other_index.isdigit()):
+        return False
+    container = model.get_submodule(parent) if parent else model
+    return isinstance(container, nn.Sequential) and int(other_index) == int(index) + 1
 
 
 def token_norm_weights(targets: Tensor) -> Tensor:

@@ -141,6 +141,14 @@ def capture_fp(
     return torch.cat(xs), torch.cat(ys), torch.cat(grads) if grads else None
 
 
+def run_in_batches(module: nn.Module, inputs: Tensor, batch_size: int) -> Tensor:
+    """``module`` applied to ``inputs`` in the same ``batch_size`` chunks as the captures (so
+    the same GEMM shapes), without autograd."""
+    with torch.no_grad():
+        chunks = [module(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    return torch.cat(chunks)
+
+
 def capture_inputs(model: nn.Module, block_name: str, data: Tensor, batch_size: int) -> Tensor:
     """Inputs of ``block_name`` when ``model`` runs as it is (e.g. in quant mode)."""
     block = model.get_submodule(block_name)
