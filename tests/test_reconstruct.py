@@ -482,7 +482,9 @@ def test_config_presets_round_trip_and_validation(tmp_path: Path):
     assert (ref.beta_start, ref.beta_end, ref.warmup, ref.rec_weight) == (20.0, 2.0, 0.2, 0.1)
     assert (ref.input_source, ref.drop_prob, ref.loss) == ("fp", 0.0, "mse")
     fast = ReconstructConfig.preset("fast")
-    assert fast.iterations < ref.iterations and fast.data_size < ref.data_size
+    assert (fast.iterations, fast.data_size, fast.mix_prob) == (300, 1024, 0.5)
+    assert (fast.input_source, fast.drop_prob) == ("quantized", 0.5)
+    assert not fast.train_act and fast.train_weights and not fast.keep_if_worse
     for suffix in (".json", ".yaml"):
         fast.save(tmp_path / f"r{suffix}")
         assert ReconstructConfig.resolve(str(tmp_path / f"r{suffix}")) == fast
