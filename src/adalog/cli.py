@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="fast",
         metavar="PRESET|FILE",
-        help="after calibration, block reconstruction (AdaRound + activation scales) on views of "
+        help="after calibration, block reconstruction (AdaRound; the reference also trains the "
+        "activation scales) on views of "
         "the calibration images: preset 'fast' (default when the flag is bare) or 'reference', "
         "or a JSON/YAML ReconstructConfig file; --seed also seeds it",
     )
