@@ -97,7 +97,7 @@ class ReconstructConfig(SerialisableConfig):
         """Sized for a 2-core CPU: 300 iterations per block (ViT-Tiny: about 0.45 s per batch-32
         iteration on one thread), learning rates raised so the rounding settles in that many
         steps, quantized block inputs and QDrop. Chosen for unseen images, not for the block
-        loss (benchmarks/RESULTS.md, session 11): 1024 views, half of them mixed, only the
+        loss (benchmarks/RESULTS.md, sessions 11-12): 1024 views, half of them mixed, only the
         rounding trained (learned activation scales fit the calibration images, not others), and
         a unit whose probe loss rose is reverted."""
         base = cls(
