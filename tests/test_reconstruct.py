@@ -18,7 +18,7 @@ from adalog.pipelines.reconstruct import round_beta, token_norm_weights, unfold_
 from adalog.quant import GELU_SHIFT, LogQuantizer, UniformQuantizer
 from adalog.recon import AdaRoundQuantizer, ReconstructConfig
 from adalog.recon.adaround import rectified_sigmoid, round_regularizer
-from adalog.recon.blocks import reconstruction_blocks
+from adalog.recon.blocks import TailUnit, reconstruction_blocks, unit_entry, with_kl_tail
 from adalog.recon.data import augmented_views
 from adalog.recon.ste import TrainingQuantizer
 
@@ -225,8 +225,10 @@ def test_reconstruction_units():
     assert torch.isfinite(after).all() and not torch.equal(before, after)
 
 
-@pytest.mark.parametrize("source", ["quantized", "fp"])
-def test_carried_block_data_equals_a_capture_from_the_images(calibrated, monkeypatch, source):
+@pytest.mark.parametrize(("source", "kl_tail"), [("quantized", 0), ("fp", 0), ("quantized", 1)])
+def test_carried_block_data_equals_a_capture_from_the_images(
+    calibrated, monkeypatch, source, kl_tail
+):
     """A block that reads the previous unit's output gets its data from that unit's (carried
     over, not recaptured); the result is bit for bit what capturing from the images gives,
     also for a last chunk smaller than the batch, and the carried tensors stay untouched."""
@@ -234,14 +236,19 @@ def test_carried_block_data_equals_a_capture_from_the_images(calibrated, monkeyp
 
     model, images, _ = calibrated
     config = TINY.with_overrides(
-        iterations=4, data_size=13, input_source=source, drop_prob=0.5, loss="token_norm"
+        iterations=4,
+        data_size=13,
+        input_source=source,
+        drop_prob=0.5,
+        loss="token_norm",
+        kl_tail=kl_tail,
     )
     block_data, checked = recon._block_data, []
 
     def carried_and_fresh(model, fp_model, name, data, config, gens, previous=None):
         kept = None if previous is None else copy.deepcopy(vars(previous[1]))
         carried = block_data(model, fp_model, name, data, config, gens, previous)
-        if previous is not None and recon.follows(model, previous[0], name):
+        if previous is not None and recon.follows(model, previous[0], unit_entry(name)):
             fresh = block_data(model, fp_model, name, data, config, gens, None)
             assert _same_fields(vars(fresh), vars(carried)), name
             assert _same_fields(kept, vars(previous[1])), name
@@ -250,7 +257,7 @@ def test_carried_block_data_equals_a_capture_from_the_images(calibrated, monkeyp
 
     monkeypatch.setattr(recon, "_block_data", carried_and_fresh)
     adalog.reconstruct(copy.deepcopy(model), images, config, progress=False)
-    assert checked == ["blocks.1"]
+    assert checked == ["blocks.1..head" if kl_tail else "blocks.1"]
 
 
 def _same_fields(a: dict, b: dict) -> bool:
@@ -392,6 +399,7 @@ def test_same_seed_is_deterministic_and_seed_matters(calibrated, reconstructed):
         {"loss": "token_norm"},
         {"hflip": False},
         {"train_bias_norm": True},
+        {"kl_tail": 1},
     ],
 )
 def test_option_switches_change_the_result(calibrated, reconstructed, overrides):
@@ -465,6 +473,47 @@ def test_network_stage_lowers_logit_kl_and_trains_only_float_parts(calibrated):
     assert kl[1] < kl[0], kl
     assert all(p.requires_grad for p in out.parameters())
     assert not any(isinstance(m, TrainingQuantizer) for m in out.modules())
+
+
+def test_kl_tail_unit_maps_block_input_to_logits(calibrated):
+    """``blocks.<k>..head`` runs the FP model's blocks from k on, its norm and its head: on
+    the input captured at block k it gives the model's own logits bit for bit."""
+    model, images, fp = calibrated
+    captured = []
+    hook = fp.blocks[1].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    with torch.no_grad():
+        logits = fp(images)
+        hook.remove()
+        assert torch.equal(TailUnit(fp, 1)(captured[0]), logits)
+    assert {n for n, _ in TailUnit(fp, 1).named_children()} == {"blocks", "norm", "fc_norm", "head"}
+    names = reconstruction_blocks(model)
+    assert with_kl_tail(model, names, 0) == names
+    assert with_kl_tail(model, names, 1) == ["patch_embed", "blocks.0", "blocks.1..head"]
+    assert with_kl_tail(model, names, 2) == ["patch_embed", "blocks.0..head"]
+    with pytest.raises(ConfigError, match="exceeds the model's 2 blocks"):
+        with_kl_tail(model, names, 3)
+    swin = _fp_model("swin_tiny_patch4_window7_224", SWIN_KW)
+    with pytest.raises(ConfigError, match="VisionTransformer"):
+        with_kl_tail(swin, ["head"], 1)
+
+
+def test_kl_tail_trains_the_last_blocks_and_head_on_the_logits(calibrated, reconstructed):
+    """With ``kl_tail=1`` the last block and the head are one unit whose probe KL falls; its
+    weights end on the grid, and its rounding differs from block-by-block training."""
+    model, images, _ = calibrated
+    stats: dict = {}
+    config = TINY.with_overrides(kl_tail=1)
+    out = adalog.reconstruct(copy.deepcopy(model), images, config, progress=False, stats=stats)
+    assert list(stats) == ["patch_embed", "blocks.0", "blocks.1..head"]
+    tail = stats["blocks.1..head"]
+    assert tail["probe_after"] < 0.9 * tail["probe_before"], tail
+    assert stats["blocks.0"] == reconstructed[1]["blocks.0"] | {
+        "seconds": stats["blocks.0"]["seconds"]
+    }
+    for path in ("blocks.1.mlp.fc1", "head"):
+        layer, plain = out.get_submodule(path), reconstructed[0].get_submodule(path)
+        assert torch.equal(layer.quantized_weight(), layer.weight)
+        assert not torch.equal(layer.weight, plain.weight), path
 
 
 def test_reconstruct_refuses_uncalibrated_models():

@@ -30,7 +30,15 @@ from adalog.pipelines.checkpoint import (
     tensor_digest,
 )
 from adalog.quant import LogQuantizer
-from adalog.recon.blocks import BlockTraining, prepare_block, reconstruction_blocks
+from adalog.recon.blocks import (
+    BlockTraining,
+    is_tail,
+    prepare_block,
+    reconstruction_blocks,
+    unit_entry,
+    unit_module,
+    with_kl_tail,
+)
 from adalog.recon.config import ReconstructConfig
 from adalog.recon.data import (
     BlockData,
@@ -88,6 +96,7 @@ def reconstruct(
         images, config.data_size, config.crop_scale_min, config.hflip, config.seed, config.mix_prob
     )
     names = reconstruction_blocks(model) if config.iterations > 0 else []
+    names = with_kl_tail(model, names, config.kl_tail) if names else names
     gens = _Generators(config.seed, device)
     stages = names + (["network"] if config.network_iterations > 0 else [])
     done: list[str] = []
@@ -185,8 +194,9 @@ def unfold_post_gelu_shift(model: nn.Module) -> None:
         quant.set_shift_folded(False)
 
 
-def _is_head(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] == "head"
+def _on_logits(name: str) -> bool:
+    """Whether the unit ends in the logits (the head, or a tail unit): trained on their KL."""
+    return is_tail(name) or name.rsplit(".", 1)[-1] == "head"
 
 
 def _block_data(
@@ -203,19 +213,20 @@ def _block_data(
     When the block directly reads the output of the ``previous`` trained unit (the next member
     of the same ``nn.Sequential``), its FP inputs are that unit's FP targets and its quantized
     inputs are that unit, as trained, applied to its own inputs: one block forward per view
-    instead of running both models from the images up to this block."""
-    fisher = (
-        _sampled_label_loss(gens.cpu) if config.loss == "fisher" and not _is_head(name) else None
-    )
-    carry = previous is not None and fisher is None and follows(model, previous[0], name)
+    instead of running both models from the images up to this block. A tail unit's targets
+    are the FP logits."""
+    logits = _on_logits(name)
+    fisher = _sampled_label_loss(gens.cpu) if config.loss == "fisher" and not logits else None
+    entry = unit_entry(name)
+    carry = previous is not None and fisher is None and follows(model, previous[0], entry)
     if carry:
-        fp_x = previous[1].targets
-        y = run_in_batches(fp_model.get_submodule(name), fp_x, config.batch_size)
-        grad_sq = None
+        fp_x, grad_sq = previous[1].targets, None
     else:
-        fp_x, y, grad_sq = capture_fp(fp_model, name, data, config.batch_size, fisher)
+        fp_x, y, grad_sq = capture_fp(fp_model, entry, data, config.batch_size, fisher)
+    if carry or is_tail(name):
+        y = run_in_batches(unit_module(fp_model, name), fp_x, config.batch_size)
     weights = None if grad_sq is None else grad_sq / grad_sq.mean().clamp_min(1e-30)
-    if config.loss == "token_norm" and not _is_head(name):
+    if config.loss == "token_norm" and not logits:
         weights = token_norm_weights(y)
     if config.input_source == "fp":
         return BlockData(fp_x, y, None, weights)
@@ -223,7 +234,7 @@ def _block_data(
         prev_name, prev_data = previous
         x = run_in_batches(model.get_submodule(prev_name), prev_data.inputs, config.batch_size)
     else:
-        x = capture_inputs(model, name, data, config.batch_size)
+        x = capture_inputs(model, entry, data, config.batch_size)
     return BlockData(x, y, fp_x if config.drop_prob > 0 else None, weights)
 
 
@@ -292,8 +303,8 @@ def _train_block(
     gens: _Generators,
     bar: tqdm,
 ) -> dict[str, float]:
-    block = model.get_submodule(name)
-    head = _is_head(name)
+    block = unit_module(model, name)
+    head = _on_logits(name)
     before = _probe_error(block, data, config, head)
     calibrated = {k: v.detach().clone() for k, v in block.state_dict().items()}
     state = prepare_block(

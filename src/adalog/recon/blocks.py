@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from adalog.errors import ConfigError
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
 from adalog.recon.adaround import AdaRoundQuantizer
@@ -29,6 +30,61 @@ def reconstruction_blocks(model: nn.Module) -> list[str]:
         if is_unit and any(isinstance(m, QuantModule) for m in module.modules()):
             names.append(name)
     return names
+
+
+TAIL_SUFFIX = "..head"
+
+
+class TailUnit(nn.Module):
+    """The last blocks of a timm ``VisionTransformer`` from ``blocks[start]`` on, its final
+    norm and its head as one reconstruction unit mapping that block's input to the logits.
+
+    It holds the model's own modules (training it trains them); the model itself is kept
+    unregistered, so ``modules()`` yields only the unit's parts."""
+
+    def __init__(self, model: VisionTransformer, start: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*list(model.blocks)[start:])
+        self.norm = model.norm
+        self.fc_norm = model.fc_norm
+        self.head = model.head
+        object.__setattr__(self, "vit", model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.vit.forward_head(self.norm(self.blocks(x)))
+
+
+def with_kl_tail(model: nn.Module, names: list[str], blocks: int) -> list[str]:
+    """``names`` with the last ``blocks`` transformer blocks and the head merged into one
+    unit named ``blocks.<start>..head`` (trained on the logits' KL divergence)."""
+    if blocks == 0:
+        return names
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(
+            f"kl_tail needs a timm VisionTransformer (ViT, DeiT), not {type(model).__name__}"
+        )
+    depth = len(model.blocks)
+    if blocks > depth:
+        raise ConfigError(f"kl_tail={blocks} exceeds the model's {depth} blocks")
+    start = depth - blocks
+    merged = {f"blocks.{i}" for i in range(start, depth)} | {"head"}
+    return [n for n in names if n not in merged] + [f"blocks.{start}{TAIL_SUFFIX}"]
+
+
+def is_tail(name: str) -> bool:
+    return name.endswith(TAIL_SUFFIX)
+
+
+def unit_entry(name: str) -> str:
+    """The module whose input is the unit's input (the first block of a tail unit)."""
+    return name[: -len(TAIL_SUFFIX)] if is_tail(name) else name
+
+
+def unit_module(model: nn.Module, name: str) -> nn.Module:
+    """The module a unit name stands for: a submodule, or a :class:`TailUnit`."""
+    if is_tail(name):
+        return TailUnit(model, int(unit_entry(name).rsplit(".", 1)[-1]))
+    return model.get_submodule(name)
 
 
 _QUANT_SLOTS = {

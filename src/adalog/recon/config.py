@@ -32,7 +32,11 @@ class ReconstructConfig(SerialisableConfig):
     float bias and LayerNorm affine of the whole model is trained end to end (weights fixed,
     no QDrop) on the KL divergence of its logits from the FP model's, with ``act_lr`` and
     ``bias_norm_lr`` annealed to 0; the stage is undone if it raises the KL on the
-    unaugmented views and ``keep_if_worse`` is False. ``iterations=0`` skips the block stage.
+    unaugmented views and ``keep_if_worse`` is False. ``kl_tail > 0`` (ViT/DeiT) trains the
+    last ``kl_tail`` blocks together with the final norm and the head as one unit on the KL
+    divergence of the logits, like the head, instead of each block on its output MSE, which
+    the few massive-activation tokens of the late blocks dominate; the reference trains every
+    block alone. ``iterations=0`` skips the block stage.
     The data are
     ``data_size`` seeded views (crops, flips) of the calibration images: the originals first,
     then random crops; ``mix_prob > 0`` pastes a rectangle of another image's crop into that
@@ -63,12 +67,14 @@ class ReconstructConfig(SerialisableConfig):
     train_bias_norm: bool = False
     bias_norm_lr: float = 1e-4
     network_iterations: int = 0
+    kl_tail: int = 0
     seed: int = 5
 
     def __post_init__(self) -> None:
         for name, least in (
             ("iterations", 0),
             ("network_iterations", 0),
+            ("kl_tail", 0),
             ("batch_size", 1),
             ("data_size", 1),
         ):
