@@ -1,6 +1,7 @@
 """Block reconstruction after calibration (ALGORITHM.md §7, the README's "Retrain").
 
-Block by block (patch embedding, transformer blocks, Swin patch mergings, head), AdaRound learns
+Block by block (patch embedding, transformer blocks, Swin patch mergings, head; optionally the
+last ViT blocks and the head as one unit, ``kl_tail``), AdaRound learns
 each weight's rounding and Adam refines the activation scales through straight-through
 gradients, so that the quantized block reproduces the FP block's outputs; an optional
 end-to-end stage then tunes the float parts and scales of the whole model on its logits.
