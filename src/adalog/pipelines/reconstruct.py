@@ -83,6 +83,9 @@ def reconstruct(
         )
     if images.dim() != 4 or images.shape[0] == 0:
         raise DataError(f"images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
+    # units first: a bad kl_tail is refused before the model is touched
+    names = reconstruction_blocks(model) if config.iterations > 0 else []
+    names = with_kl_tail(model, names, config.kl_tail) if names else names
     torch.manual_seed(config.seed)
     model.eval()
     unfold_post_gelu_shift(model)  # the fold must use the final weights (§4, §10.22)
@@ -96,8 +99,6 @@ def reconstruct(
     data = augmented_views(
         images, config.data_size, config.crop_scale_min, config.hflip, config.seed, config.mix_prob
     )
-    names = reconstruction_blocks(model) if config.iterations > 0 else []
-    names = with_kl_tail(model, names, config.kl_tail) if names else names
     gens = _Generators(config.seed, device)
     stages = names + (["network"] if config.network_iterations > 0 else [])
     done: list[str] = []
