@@ -15,7 +15,8 @@ import torch
 import adalog
 from adalog.config import AdaLogConfig
 from adalog.quant import ADALOG_R, LogQuantizer, UniformQuantizer, adalog_levels, log_fake_quant
-from adalog.search.objectives import LogInputError, log_exponent
+from adalog.search import naive
+from adalog.search.objectives import GramOperandError, LogInputError, log_exponent
 from adalog.search.procedures import SearchSettings, calibrate_linear, calibrate_post_gelu_log
 
 # Narrow enough that tokens outnumber the features of qkv/proj/fc1/fc2 (the Gram forms run).
@@ -172,3 +173,59 @@ def test_fc2_token_norm_engines_agree_and_spare_the_ordinary_tokens():
     plain, plain_error = calibrate("fast", False)
     assert not torch.equal(plain[2], fast[2])
     assert fast_error < 0.7 * plain_error
+
+
+def test_matmul_operand_error_updates_parents_sparsely_and_exactly():
+    """Per-head matmul operand candidates: children near a kept parent (same zero point) are
+    scored from it through the few codes that changed, or none; every error equals the
+    recomputed ``‖Â B̂ − T‖²`` minus the constant ``‖T‖²``, for the A and the B operand."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(2, 3, 40, 8, generator=g) * torch.tensor([1.0, 2.0, 0.5])[:, None, None]
+    b = torch.randn(2, 3, 8, 40, generator=g)
+    target = a @ b + 0.1 * torch.randn(2, 3, 40, 40, generator=g)
+    n_bits = 4
+    b_t = b.transpose(-1, -2)
+    operands = {
+        "a": (GramOperandError(a, b @ b_t, target @ b_t, n_bits, max_changed=0.05), a),
+        "b": (
+            GramOperandError(
+                b_t, a.transpose(-1, -2) @ a, target.transpose(-1, -2) @ a, n_bits, 0.05
+            ),
+            b,
+        ),
+    }
+    for name, (objective, operand) in operands.items():
+        naive_error = (naive.operand_a_error if name == "a" else naive.operand_b_error)(
+            *((operand, b, target) if name == "a" else (a, operand, target)), n_bits
+        )
+
+        def recomputed(scales, zps, naive_error=naive_error):
+            return naive_error(scales, zps).double() - target.double().square().sum((0, 2, 3))
+
+        zps = torch.full((3, 3), 7.0)
+        parents = torch.tensor([[0.2, 0.4, 0.1], [0.3, 0.5, 0.15], [0.25, 0.6, 0.12]])
+        children = (parents[:, None, :] * torch.tensor([0.999, 1.0, 1.004])[:, None]).reshape(9, 3)
+        child_zps = zps.repeat_interleave(3, 0)
+        torch.testing.assert_close(
+            objective(parents, zps), recomputed(parents, zps), rtol=1e-5, atol=1e-3
+        )
+        torch.testing.assert_close(
+            objective(children, child_zps), recomputed(children, child_zps), rtol=1e-5, atol=1e-3
+        )
+        assert objective.counters == {"full": 9, "sparse": 27}, name
+        grandchildren = children * 1.002  # parents: the children's lazily updated products
+        torch.testing.assert_close(
+            objective(grandchildren, child_zps),
+            recomputed(grandchildren, child_zps),
+            rtol=1e-5,
+            atol=1e-3,
+        )
+        assert objective.counters == {"full": 9, "sparse": 54}, name
+        other_zp = torch.full((1, 3), 6.0)  # no parent with this zero point: recomputed in full
+        torch.testing.assert_close(
+            objective(parents[:1], other_zp),
+            recomputed(parents[:1], other_zp),
+            rtol=1e-5,
+            atol=1e-3,
+        )
+        assert objective.counters == {"full": 12, "sparse": 54}, name

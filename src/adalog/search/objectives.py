@@ -14,7 +14,11 @@ candidate (issue: fast calibration):
 * per-tensor *uniform* input searches score exactly in integers: with ``X̂ = s·K`` and
   ``Ŵ = diag(s_w)·K_w`` both integer-coded, ``‖X̂Ŵᵀ‖² = s²·⟨KᵀK, K_wᵀ diag(s_w²) K_w⟩``, where
   ``KᵀK`` is one int8 GEMM with exact int32 accumulation, and the linear term ``⟨X̂, (Y-b)Ŵ⟩``
-  is read off float64 prefix sums over the sorted inputs (K is a step function of x).
+  is read off float64 prefix sums over the sorted inputs (K is a step function of x);
+* FPCS refinement children sit close to a survivor of the previous stage, so most of their
+  codes equal the survivor's: the post-GELU log input (:class:`LogInputError`) and the per-head
+  matmul operands (:class:`GramOperandError`) update the survivor's product through the few
+  codes that changed instead of recomputing it.
 """
 
 from __future__ import annotations
@@ -337,26 +341,15 @@ class LogInputError:
         return self._inputs @ self.w_t
 
     def _counts(self, log_scale: Tensor, ratio: Tensor, n_levels: int) -> Tensor:
-        """``p_k`` = inputs with code > k, exact: located near the threshold
-        ``log s − (k + ½)/ratio`` and settled with the code formula in a small window."""
-        n = self.sorted_log.numel()
+        """``p_k`` = inputs with code > k, near the thresholds ``log s − (k + ½)/ratio``."""
         k = torch.arange(n_levels)
         thresholds = (log_scale - (k + 0.5) / ratio).to(self.sorted_log.dtype)
-        approx = torch.searchsorted(self.sorted_log, thresholds)
-        lo = (approx - self.WINDOW).clamp(0, n)
-        hi = (approx + self.WINDOW).clamp(0, n)
-        index = lo[:, None] + torch.arange(2 * self.WINDOW)
-        inside = index < hi[:, None]
-        codes = log_codes_from_exponent(self.sorted_log[index.clamp(max=n - 1)], log_scale, ratio)
-        counts = lo + ((codes > k[:, None]) & inside).sum(1)
-        below = self.sorted_log[(lo - 1).clamp(min=0)]
-        above = self.sorted_log[hi.clamp(max=n - 1)]
-        left_ok = (lo == 0) | (log_codes_from_exponent(below, log_scale, ratio) > k)
-        right_ok = (hi == n) | (log_codes_from_exponent(above, log_scale, ratio) <= k)
-        if bool((left_ok & right_ok).all()):
-            return counts
-        codes = log_codes_from_exponent(self.sorted_log, log_scale, ratio)  # rare: wide tie run
-        return torch.searchsorted(-codes, -(k + 1).to(codes.dtype), right=True)
+        return prefix_counts(
+            self.sorted_log,
+            thresholds,
+            lambda values: log_codes_from_exponent(values, log_scale, ratio),
+            self.WINDOW,
+        )
 
     def _sparse_update(self, key: int, counts: Tensor, levels: Tensor) -> Tensor | None:
         """``U`` from the closest kept candidate with the same levels, or ``None`` if none is
@@ -370,20 +363,254 @@ class LogInputError:
             return None
         self.counters["sparse"] += 1
         parent = same[nearest]
-        lo, hi = torch.minimum(counts, parent.counts), torch.maximum(counts, parent.counts)
-        lengths = hi - lo
         table = torch.cat([levels, levels.new_zeros(1)])
         # crossing boundary k upwards (code k -> k+1) changes the value by L[k+1] - L[k]
-        step = (table[1:] - table[:-1]) * torch.sign(counts - parent.counts).to(levels.dtype)
-        starts = torch.repeat_interleave(lo - (torch.cumsum(lengths, 0) - lengths), lengths)
-        positions = torch.arange(int(lengths.sum())) + starts
-        values = torch.repeat_interleave(step, lengths)
+        positions, values = boundary_changes(counts, parent.counts, table[1:] - table[:-1])
         rows, cols = self.rows[positions], self.cols[positions]
         shape = self.log_x.shape
         sparse = torch.sparse_coo_tensor(
             torch.stack([rows, cols]), values, shape, check_invariants=False
         )
         return parent.product + torch.sparse.mm(sparse, self.w_t)
+
+
+class _Operand:
+    """A scored operand candidate kept for reuse: zero point, counts, ``⟨U, Ê⟩`` and
+    ``U = ÊG``, the latter held as its parent's plus a few updated rows until first needed."""
+
+    def __init__(self, zero_point: float, counts: Tensor, quad: Tensor, product=None, update=None):
+        self.zero_point, self.counts, self.quad = zero_point, counts, quad
+        self._product, self._update = product, update  # update: (parent, rows, row values)
+
+    def product(self) -> Tensor:
+        if self._product is None:
+            parent, rows, delta = self._update
+            base = parent.product()
+            if delta is None:  # no code changed
+                self._product = base
+            else:
+                self._product = base.clone()
+                self._product.view(-1, base.shape[-1]).index_add_(0, rows, delta)
+            self._update = None
+        return self._product
+
+
+class GramOperandError:
+    """Per-group error of a uniformly quantized matmul operand (§5.7 E/F), scored fast.
+
+    The operand enters as rows ``x`` ``(B, G, R, d)`` (group = head) with, per item, a Gram
+    matrix ``G`` ``(B, G, d, d)`` and a projection ``P`` ``(B, G, R, d)`` such that the output
+    error of quantized rows ``x̂ = s·Ê`` (``Ê`` the centred integer codes) is
+    ``s²·Σ⟨ÊG, Ê⟩ − 2s·⟨Ê, P⟩`` up to a constant. For ``Â @ B̂ ≈ T``: A's rows with
+    ``G = B̂B̂ᵀ``, ``P = TB̂ᵀ``; B's columns with ``G = ÂᵀÂ``, ``P = TᵀÂ``.
+
+    The codes are a step function of x, so a candidate is described by its prefix *counts*
+    (elements with code > k, in descending order of x), and ``⟨Ê, P⟩`` is read off prefix
+    sums of P in that order. An FPCS child with a kept parent's zero point changes the codes of
+    only the elements between the two candidates' counts (a few per mille after the first
+    refinement, often none); with their sparse change D, ``⟨ÊG, Ê⟩`` grows by
+    ``2⟨D, U⟩ + ⟨DG, D⟩`` and ``U = ÊG`` by ``DG`` (rows of D only), instead of a new
+    ``R·d·d`` product per item. The counts come from the quantizer's own float steps, so both
+    paths code every element as :func:`asym_fake_quant` does; sums run in float64.
+    ``counters`` tallies both paths.
+    """
+
+    WINDOW = 64
+
+    def __init__(
+        self,
+        x: Tensor,
+        gram: Tensor,
+        proj: Tensor,
+        n_bits: int,
+        max_changed: float = 0.01,
+        memory: int = 2**28,
+    ) -> None:
+        self.x = x.transpose(0, 1).contiguous()  # (G, B, R, d)
+        self.gram = gram.transpose(0, 1).contiguous()
+        self.proj = proj.transpose(0, 1).contiguous()
+        self.n_levels = 2**n_bits
+        groups, _, self.rows_per_item, self.width = self.x.shape
+        per_group = self.x[0].numel()
+        self.max_changed = int(max_changed * per_group)
+        self.capacity = max(1, memory // (4 * per_group * groups))
+        descending = torch.sort(self.x.reshape(groups, -1), dim=1, descending=True)
+        self.sorted_neg = (-descending.values).contiguous()  # ascending; codes never increase
+        self.order = descending.indices
+        proj_sorted = self.proj.reshape(groups, -1).gather(1, self.order)
+        self.prefix = torch.zeros(groups, per_group + 1, dtype=torch.float64)
+        self.prefix[:, 1:] = torch.cumsum(proj_sorted.double(), 1)
+        self.kept: list[list[_Operand]] = [[] for _ in range(groups)]
+        self.counters = {"full": 0, "sparse": 0}
+
+    def __call__(self, scales: Tensor, zps: Tensor) -> Tensor:
+        """Errors ``(K, G)`` (float64, up to a constant) of candidates ``(K, G)``."""
+        zps = torch.round(zps.to(self.x.dtype))
+        errors = torch.empty(scales.shape, dtype=torch.float64)
+        kept = []
+        for g in range(scales.shape[1]):
+            errors[:, g], best = self._group(g, scales[:, g], zps[:, g])
+            kept.append(best)
+        self.kept = kept
+        return errors
+
+    def _group(self, g: int, scales: Tensor, zps: Tensor) -> tuple[Tensor, list[_Operand]]:
+        s64 = scales.double()
+        monotone = (s64 > 0) & torch.isfinite(s64)  # code steps rise with x: counts apply
+        counts = self._counts(g, scales, zps)
+        prefix = self.prefix[g]
+        linear = prefix[counts].sum(1) - zps.double() * prefix[-1]  # Σ_k S[p_k] − z·S[n]
+        parents = torch.where(monotone, self._parents(g, counts, zps), -1)
+        quads = torch.empty_like(s64)
+        entries: list[_Operand | None] = [None] * scales.shape[0]
+        best: list = []
+        for k in torch.nonzero(parents < 0).flatten().tolist():
+            codes = self._centred_codes(g, scales[k], zps[k])
+            product = torch.bmm(codes, self.gram[g])
+            quads[k] = torch.linalg.vecdot(product, codes).sum(dtype=torch.float64)
+            if not bool(monotone[k]):  # no monotone steps: the counts do not apply
+                linear[k] = (codes * self.proj[g]).sum(dtype=torch.float64)
+                continue
+            self.counters["full"] += 1
+            entry = _Operand(float(zps[k]), counts[k], quads[k], product=product)
+            error = float(s64[k] ** 2 * quads[k] - 2 * s64[k] * linear[k])
+            best = _keep_best(best, (error, k, entry), self.capacity)
+        children = torch.nonzero(parents >= 0).flatten()
+        if children.numel():
+            self.counters["sparse"] += children.numel()
+            quads[children] = self._children(g, children, parents[children], counts, entries)
+        errors = s64**2 * quads - 2 * s64 * linear
+        for k in children.tolist():
+            best = _keep_best(best, (float(errors[k]), k, entries[k]), self.capacity)
+        return errors, [entry for _, _, entry in best]
+
+    def _centred_codes(self, g: int, scale: Tensor, zp: Tensor) -> Tensor:
+        """``Ê`` with :func:`asym_fake_quant`'s float steps (before its final ``· s``)."""
+        out = self.x[g] / scale
+        return out.round_().add_(zp).clamp_(0, self.n_levels - 1).sub_(zp)
+
+    def _codes_of(self, neg: Tensor, scales: Tensor, zps: Tensor) -> Tensor:
+        """Codes of elements ``-neg`` ``(K, ...)`` under candidates ``(K,)``, float steps as
+        :meth:`_centred_codes`."""
+        shape = (-1,) + (1,) * (neg.dim() - 1)
+        out = -neg / scales.view(shape)
+        return out.round_().add_(zps.view(shape)).clamp_(0, self.n_levels - 1)
+
+    def _counts(self, g: int, scales: Tensor, zps: Tensor) -> Tensor:
+        """``(K, N-1)`` elements with code > k, i.e. ``round(x/s) + z > k``: located by
+        ``searchsorted`` at ``x = (k − z + ½)·s`` and settled with the code formula in a
+        window, all candidates at once (one candidate at a time where the window fails)."""
+        values = self.sorted_neg[g]
+        n, w = values.numel(), self.WINDOW
+        k = torch.arange(self.n_levels - 1)
+        steps = k.double()[None] - zps.double()[:, None] + 0.5
+        thresholds = (-steps * scales.double()[:, None]).to(values.dtype)
+        approx = torch.searchsorted(values, thresholds.contiguous())
+        lo, hi = (approx - w).clamp(0, n), (approx + w).clamp(0, n)
+        index = lo[..., None] + torch.arange(2 * w)
+        codes = self._codes_of(values[index.clamp(max=n - 1)], scales, zps)
+        counts = lo + ((codes > k[:, None]) & (index < hi[..., None])).sum(-1)
+        left = self._codes_of(values[(lo - 1).clamp(min=0)], scales, zps)
+        right = self._codes_of(values[hi.clamp(max=n - 1)], scales, zps)
+        settled = ((lo == 0) | (left > k)) & ((hi == n) | (right <= k))
+        for i in torch.nonzero(~settled.all(1)).flatten().tolist():  # ties wider than the window
+            codes = self._codes_of(values[None], scales[i : i + 1], zps[i : i + 1])[0]
+            counts[i] = torch.searchsorted(-codes, -(k + 1).to(codes.dtype), right=True)
+        return counts
+
+    def _parents(self, g: int, counts: Tensor, zps: Tensor) -> Tensor:
+        """Index into ``kept[g]`` of each candidate's closest kept candidate with its zero
+        point, or −1 where none is within ``max_changed`` changed codes."""
+        kept = self.kept[g]
+        if not kept:
+            return torch.full((counts.shape[0],), -1)
+        kept_counts = torch.stack([entry.counts for entry in kept])
+        kept_zps = torch.tensor([entry.zero_point for entry in kept], dtype=zps.dtype)
+        changed = (counts[:, None, :] - kept_counts[None]).abs().sum(2)
+        changed[zps[:, None] != kept_zps[None]] = self.max_changed + 1
+        distance, nearest = changed.min(1)  # ties: the better-ranked parent
+        return torch.where(distance <= self.max_changed, nearest, -1)
+
+    def _children(
+        self, g: int, children: Tensor, parents: Tensor, counts: Tensor, entries: list
+    ) -> Tensor:
+        """``⟨ÊG, Ê⟩`` of ``children`` from their kept ``parents``, all at once: each changed
+        code adds ±1 to Ê (D), so the parent's value grows by ``2⟨D, U⟩ + ⟨DG, D⟩``. Fills
+        ``entries`` with each child's lazily updated ``U``."""
+        kept = self.kept[g]
+        own, theirs = counts[children], torch.stack([kept[p].counts for p in parents.tolist()])
+        steps = torch.ones(own.numel(), dtype=self.x.dtype)
+        positions, values = boundary_changes(own.flatten(), theirs.flatten(), steps)
+        changed = (own - theirs).abs().sum(1)
+        child = torch.repeat_interleave(torch.arange(children.numel()), changed)
+        flat = self.order[g][positions]
+        rows, cols = flat // self.width, flat % self.width  # row (b, r) and column j of x[g]
+        n_rows = self.x.shape[1] * self.rows_per_item
+        touched, local = torch.unique(child * n_rows + rows, return_inverse=True)
+        items = rows // self.rows_per_item
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([local, items * self.width + cols]),
+            values,
+            (touched.numel(), self.x.shape[1] * self.width),
+            check_invariants=False,
+        )
+        delta = torch.sparse.mm(sparse, self.gram[g].reshape(-1, self.width))  # rows of DG
+        used, which = torch.unique(parents, return_inverse=True)
+        products = torch.stack([kept[p].product().reshape(-1) for p in used.tolist()])
+        above = products[which[child], flat].double()
+        v64 = values.double()
+        gain = 2 * v64 * above + v64 * delta[local, cols].double()
+        quads = torch.stack([kept[p].quad for p in parents.tolist()])
+        quads = quads.index_add_(0, child, gain)
+        bounds = torch.searchsorted(touched, torch.arange(children.numel() + 1) * n_rows).tolist()
+        for m, k in enumerate(children.tolist()):
+            parent, lo, hi = kept[int(parents[m])], bounds[m], bounds[m + 1]
+            update = (
+                (parent, None, None)
+                if lo == hi
+                else (parent, touched[lo:hi] - m * n_rows, delta[lo:hi])
+            )
+            entries[k] = _Operand(parent.zero_point, counts[k], quads[m], update=update)
+        return quads
+
+
+def prefix_counts(
+    sorted_values: Tensor,
+    thresholds: Tensor,
+    codes_of: Callable[[Tensor], Tensor],
+    window: int,
+) -> Tensor:
+    """``p_k`` = number of elements with code > k, for codes that never increase along the
+    ascending ``sorted_values``: located by ``searchsorted`` at ``thresholds[k]`` and settled
+    with ``codes_of`` itself (the very float steps of the quantizer) in a window around it, so
+    the counts agree with the codes a full recomputation gives."""
+    n = sorted_values.numel()
+    k = torch.arange(thresholds.numel())
+    approx = torch.searchsorted(sorted_values, thresholds)
+    lo = (approx - window).clamp(0, n)
+    hi = (approx + window).clamp(0, n)
+    index = lo[:, None] + torch.arange(2 * window)
+    inside = index < hi[:, None]
+    codes = codes_of(sorted_values[index.clamp(max=n - 1)])
+    counts = lo + ((codes > k[:, None]) & inside).sum(1)
+    left_ok = (lo == 0) | (codes_of(sorted_values[(lo - 1).clamp(min=0)]) > k)
+    right_ok = (hi == n) | (codes_of(sorted_values[hi.clamp(max=n - 1)]) <= k)
+    if bool((left_ok & right_ok).all()):
+        return counts
+    codes = codes_of(sorted_values).to(torch.int64)  # rare: a run of ties wider than the window
+    return torch.searchsorted(-codes, -(k + 1), right=True)
+
+
+def boundary_changes(counts: Tensor, parent: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted positions whose code differs between two candidates with prefix counts ``counts``
+    and ``parent``, and the value change of each: crossing boundary k upwards adds
+    ``steps[k]``; an element crossing several boundaries appears once per boundary."""
+    lo, hi = torch.minimum(counts, parent), torch.maximum(counts, parent)
+    lengths = hi - lo
+    step = steps * torch.sign(counts - parent).to(steps.dtype)
+    starts = torch.repeat_interleave(lo - (torch.cumsum(lengths, 0) - lengths), lengths)
+    positions = torch.arange(int(lengths.sum())) + starts
+    return positions, torch.repeat_interleave(step, lengths)
 
 
 def _keep_best(best: list, item: tuple, capacity: int) -> list:

@@ -46,6 +46,7 @@ from adalog.search.grids import (
 )
 from adalog.search.objectives import (
     LOG_FLOOR_EXPONENT,
+    GramOperandError,
     LogInputError,
     in_chunks,
     input_self_error,
@@ -325,11 +326,6 @@ def _head_groups(t: Tensor) -> Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
-def _head_error(out: Tensor, target: Tensor) -> Tensor:
-    """``(k, B, H, m, n)`` vs ``(B, H, m, n)`` → per-head squared error ``(k, H)``."""
-    return (out - target).square_().sum((1, 3, 4))
-
-
 def _per_head(quantizer: UniformQuantizer, result) -> None:
     quantizer.set_params(result.scale.reshape(1, -1, 1, 1), result.zero_point.reshape(1, -1, 1, 1))
 
@@ -339,51 +335,20 @@ def _init_per_head(quantizer: UniformQuantizer, grid: UniformGrid) -> None:
     quantizer.set_params(s.reshape(1, -1, 1, 1), z.reshape(1, -1, 1, 1))
 
 
-def _operand_a_score(a: Tensor, b_hat: Tensor, target: Tensor, n_bits: int):
-    """Per-head error of ``Â @ B̂`` over A candidates, via the Gram ``B̂ B̂ᵀ`` (d×d per item)."""
-    gram = b_hat @ b_hat.transpose(-1, -2)  # (B, H, d, d) with a: (B, H, m, d)
-    proj = target @ b_hat.transpose(-1, -2)  # (B, H, m, d)
-
-    def score(scales: Tensor, zps: Tensor) -> Tensor:
-        def part(sl: slice) -> Tensor:
-            s, z = scales[sl, None, :, None, None], zps[sl, None, :, None, None]
-            a_hat = asym_fake_quant(a[None], s, z, n_bits)
-            quad = ((a_hat @ gram) * a_hat).sum((1, 3, 4))
-            return quad - 2 * (a_hat * proj).sum((1, 3, 4))
-
-        return in_chunks(scales.shape[0], 3 * a.numel(), part)
-
-    return score
+def _operand_a_score(a: Tensor, b_hat: Tensor, target: Tensor, n_bits: int) -> GramOperandError:
+    """Per-head error of ``Â @ B̂`` over A candidates: A's rows against the Gram ``B̂B̂ᵀ``."""
+    b_t = b_hat.transpose(-1, -2)
+    return GramOperandError(a, b_hat @ b_t, target @ b_t, n_bits)
 
 
-def _operand_b_score(a_hat: Tensor, b: Tensor, target: Tensor, n_bits: int):
-    """Per-head error of ``Â @ B̂`` over B candidates: Gram ``ÂᵀÂ`` when it is smaller."""
-    m, d = a_hat.shape[-2:]
-    if d < m:
-        gram = a_hat.transpose(-1, -2) @ a_hat  # (B, H, d, d)
-        proj = a_hat.transpose(-1, -2) @ target  # (B, H, d, n)
-
-        def part_gram(sl: slice, scales: Tensor, zps: Tensor) -> Tensor:
-            s, z = scales[sl, None, :, None, None], zps[sl, None, :, None, None]
-            b_hat = asym_fake_quant(b[None], s, z, n_bits)
-            quad = ((gram @ b_hat) * b_hat).sum((1, 3, 4))
-            return quad - 2 * (b_hat * proj).sum((1, 3, 4))
-
-        per_candidate = 3 * b.numel()
-        part = part_gram
-    else:
-
-        def part_direct(sl: slice, scales: Tensor, zps: Tensor) -> Tensor:
-            s, z = scales[sl, None, :, None, None], zps[sl, None, :, None, None]
-            return _head_error(a_hat @ asym_fake_quant(b[None], s, z, n_bits), target)
-
-        per_candidate = b.numel() + 2 * target.numel()
-        part = part_direct
-
-    def score(scales: Tensor, zps: Tensor) -> Tensor:
-        return in_chunks(scales.shape[0], per_candidate, lambda sl: part(sl, scales, zps))
-
-    return score
+def _operand_b_score(a_hat: Tensor, b: Tensor, target: Tensor, n_bits: int) -> GramOperandError:
+    """Per-head error of ``Â @ B̂`` over B candidates: B's columns against the Gram ``ÂᵀÂ``."""
+    return GramOperandError(
+        b.transpose(-1, -2),
+        a_hat.transpose(-1, -2) @ a_hat,
+        target.transpose(-1, -2) @ a_hat,
+        n_bits,
+    )
 
 
 def _operand_b(settings: SearchSettings):
