@@ -17,7 +17,8 @@ candidate (issue: fast calibration):
   is read off float64 prefix sums over the sorted inputs (K is a step function of x);
 * FPCS refinement children sit close to a survivor of the previous stage, so most of their
   codes equal the survivor's: the post-GELU log input (:class:`LogInputError`) and the per-head
-  matmul operands (:class:`GramOperandError`) update the survivor's product through the few
+  matmul operands (:class:`GramOperandError`) and the per-tensor uniform inputs
+  (:class:`UniformInputError`) update the survivor's product or code Gram through the few
   codes that changed instead of recomputing it.
 """
 
