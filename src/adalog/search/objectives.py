@@ -17,8 +17,7 @@ candidate (issue: fast calibration):
   is read off float64 prefix sums over the sorted inputs (K is a step function of x);
 * FPCS refinement children sit close to a survivor of the previous stage, so most of their
   codes equal the survivor's: the post-GELU log input (:class:`LogInputError`) and the per-head
-  matmul operands (:class:`GramOperandError`) and the per-tensor uniform inputs
-  (:class:`UniformInputError`) update the survivor's product or code Gram through the few
+  matmul operands (:class:`GramOperandError`) update the survivor's product through the few
   codes that changed instead of recomputing it.
 """
 
@@ -154,138 +153,67 @@ def linear_input_error(
 
 def uniform_input_error(
     x: Tensor, target: Tensor, w_codes: Tensor, w_scale: Tensor, n_bits: int
-) -> UniformInputError | None:
-    """Exact per-tensor output error of ``target ≈ Q(x) @ Ŵᵀ`` for uniform input candidates,
-    or ``None`` above 8 bits (the shifted codes would not fit int8); see
-    :class:`UniformInputError`."""
-    if n_bits > 8:
-        return None
-    return UniformInputError(x, target, w_codes, w_scale, n_bits)
-
-
-class _Codes:
-    """A scored input candidate kept for reuse: zero point, counts, ``⟨KᵀK, H⟩`` and its
-    shifted int8 codes ``(T, I)``, the latter held as its parent's plus a few ±1 changes
-    until first needed."""
-
-    def __init__(self, zero_point: float, counts: Tensor, quad: Tensor, codes=None, update=None):
-        self.zero_point, self.counts, self.quad = zero_point, counts, quad
-        self._codes, self._update = codes, update  # update: (parent, tokens, cols, steps)
-
-    def codes(self) -> Tensor:
-        if self._codes is None:
-            parent, tokens, cols, steps = self._update
-            self._codes = parent.codes()
-            if steps.numel():
-                self._codes = self._codes.index_put((tokens, cols), steps, accumulate=True)
-            self._update = None
-        return self._codes
-
-
-class UniformInputError:
+) -> Callable[[Tensor, Tensor], Tensor] | None:
     """Exact per-tensor output error of ``target ≈ Q(x) @ Ŵᵀ`` for uniform input candidates.
 
     ``w_codes`` are the centred integer weight codes ``(O, I)`` and ``w_scale`` the per-row
-    scales ``(O,)``, so ``Ŵ = w_scale[:, None] * w_codes``. Called with ``(K, 1)`` scales and
-    zero points, it returns ``(K, 1)`` float64 errors (up to the constant ``‖target‖²``):
-    ``s²·⟨KᵀK, H⟩ − 2s·⟨K, (Y-b)Ŵ⟩`` with K the centred input codes and
-    ``H = K_wᵀ diag(s_w²) K_w``. ``KᵀK`` is one int8 GEMM with exact int32 accumulation; the
-    linear term is read off float64 prefix sums over the inputs in descending order, at the
-    candidate's exact prefix counts (K is a step function of x). An FPCS child with a kept
-    parent's zero point differs from it by ±1 in a few codes D (rows t, columns i), so its
-    ``⟨KᵀK, H⟩`` is the parent's plus ``2⟨DᵀK, H⟩ + ⟨DᵀD, H⟩``, all in integers and float64.
+    scales ``(O,)``, so ``Ŵ = w_scale[:, None] * w_codes``. Returns ``score(scales, zps)`` giving
+    ``(K, 1)`` float64 errors (up to the dropped constant ``‖target‖²``), or ``None`` above 8 bits
+    (the shifted codes would not fit int8).
     """
+    n_levels = 2**n_bits
+    if n_bits > 8:
+        return None
+    w_hat = w_scale[:, None] * w_codes
+    w64 = w_codes.double()
+    h_w = w64.T @ (w_scale.double()[:, None] ** 2 * w64)  # K_wᵀ diag(s_w²) K_w
+    proj = (target @ w_hat).reshape(-1)  # (Y - b) Ŵ, flattened like x
+    flat = x.reshape(-1)
+    order = torch.argsort(flat)
+    sorted_x = flat[order].contiguous()
+    prefix = torch.zeros(flat.numel() + 1, dtype=torch.float64)
+    prefix[1:] = torch.cumsum(proj[order].double(), 0)
+    x_t = x.T.contiguous()
+    offset = n_levels // 2  # codes k - offset fit int8 for up to 8 bits
+    rows_per_gemm = max(1, (2**31 - 1) // offset**2)
+    steps = torch.arange(n_levels - 1, dtype=torch.float64) + 0.5
 
-    WINDOW = 64
+    def linear_terms(scales: Tensor, zps: Tensor) -> Tensor:
+        """``⟨K, (Y-b)Ŵ⟩`` per candidate: codes are constant between thresholds (c + ½)·s."""
+        zr = torch.round(zps.double())
+        thresholds = (steps - zr[:, None]) * scales.double()[:, None]
+        pos = torch.searchsorted(sorted_x, thresholds.to(sorted_x.dtype).contiguous())
+        first, last = torch.zeros_like(pos[:, :1]), torch.full_like(pos[:, :1], flat.numel())
+        ends = torch.cat([first, pos, last], 1)
+        segments = prefix[ends[:, 1:]] - prefix[ends[:, :-1]]
+        values = torch.arange(n_levels, dtype=torch.float64) - zr[:, None]
+        return (segments * values).sum(1)
 
-    def __init__(
-        self,
-        x: Tensor,
-        target: Tensor,
-        w_codes: Tensor,
-        w_scale: Tensor,
-        n_bits: int,
-        max_changed: float = 0.003,
-        memory: int = 2**28,
-    ) -> None:
-        self.n_levels = 2**n_bits
-        self.in_features = x.shape[1]
-        w64 = w_codes.double()
-        self.h_w = w64.T @ (w_scale.double()[:, None] ** 2 * w64)  # K_wᵀ diag(s_w²) K_w
-        self.h_rows = self.h_w.sum(1)
-        proj = (target @ (w_scale[:, None] * w_codes)).reshape(-1)  # (Y - b) Ŵ, like x
-        descending = torch.sort(x.reshape(-1), descending=True)
-        self.sorted_neg = (-descending.values).contiguous()  # ascending; codes never increase
-        self.order = descending.indices
-        self.prefix = torch.zeros(x.numel() + 1, dtype=torch.float64)
-        self.prefix[1:] = torch.cumsum(proj[self.order].double(), 0)
-        self.x = x.contiguous()
-        self.offset = self.n_levels // 2  # codes k - offset fit int8 for up to 8 bits
-        self.rows_per_gemm = max(1, (2**31 - 1) // self.offset**2)
-        self.max_changed = int(max_changed * x.numel())
-        self.capacity = max(1, memory // x.numel())
-        self.kept: list[_Codes] = []
-        self.counters = {"full": 0, "sparse": 0}
-
-    def __call__(self, scales: Tensor, zps: Tensor) -> Tensor:
-        s, z = scales[:, 0], torch.round(zps[:, 0].to(scales.dtype))
-        counts = uniform_counts(self.sorted_neg, s, z, self.n_levels, self.WINDOW)
-        linear = self.prefix[counts].sum(1) - z.double() * self.prefix[-1]  # Σ_k S[p_k] − z·S[n]
-        parents = _nearest_parents(self.kept, counts, z, self.max_changed)
-        quads, best = [], []
-        for k in range(s.shape[0]):
-            if parents[k] < 0:
-                self.counters["full"] += 1
-                entry = self._full(s[k], float(z[k]), counts[k])
-            else:
-                self.counters["sparse"] += 1
-                entry = self._child(self.kept[parents[k]], counts[k])
-            quads.append(entry.quad)
-            error = float(s[k].double() ** 2 * entry.quad - 2 * s[k].double() * linear[k])
-            best = _keep_best(best, (error, k, entry), self.capacity)
-        self.kept = [entry for _, _, entry in best]
-        s64 = s.double()
-        return (s64**2 * torch.stack(quads) - 2 * s64 * linear)[:, None]
-
-    def _full(self, scale: Tensor, zr: float, counts: Tensor) -> _Codes:
+    def code_gram(scale: float, zr: float) -> Tensor:
         """``KᵀK`` of the centred codes ``K = K' + c`` from an int8 GEMM of ``K' = k - offset``:
         ``KᵀK = K'ᵀK' + c(u1ᵀ + 1uᵀ) + c²T`` with ``u`` the column sums of ``K'``."""
-        shifted = (self.x / scale).round_().clamp_(-zr, self.n_levels - 1 - zr)
-        codes = shifted.add_(zr - self.offset).to(torch.int8)  # (T, I)
-        gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
-        for start in range(0, codes.shape[0], self.rows_per_gemm):
-            part = codes[start : start + self.rows_per_gemm]
-            gram += torch._int_mm(part.T, part).double()
-        c = self.offset - zr
-        sums = codes.sum(0, dtype=torch.int64).double()
-        gram += c * (sums[:, None] + sums[None, :]) + c * c * codes.shape[0]
-        return _Codes(zr, counts, (gram * self.h_w).sum(), codes=codes)
+        shifted = (x_t / scale).round_().clamp_(-zr, n_levels - 1 - zr).add_(zr - offset)
+        codes_t = shifted.to(torch.int8)
+        gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        for start in range(0, codes_t.shape[1], rows_per_gemm):
+            part = codes_t[:, start : start + rows_per_gemm].contiguous()
+            gram += torch._int_mm(part, part.T).double()
+        c = offset - zr
+        sums = codes_t.sum(1, dtype=torch.int64).double()
+        return gram + c * (sums[:, None] + sums[None, :]) + c * c * codes_t.shape[1]
 
-    def _child(self, parent: _Codes, counts: Tensor) -> _Codes:
-        steps = torch.ones(self.n_levels - 1, dtype=torch.int8)
-        positions, values = boundary_changes(counts, parent.counts, steps)
-        if positions.numel() == 0:
-            return _Codes(
-                parent.zero_point, counts, parent.quad, update=(parent, *(positions,) * 3)
-            )
-        flat = self.order[positions]
-        tokens, cols = flat // self.in_features, flat % self.in_features
-        v64 = values.double()
-        # ⟨DᵀK, H⟩ = Σ_e v_e (K[t_e, :] · H[i_e, :]), K = K' + c
-        rows_k = parent.codes().index_select(0, tokens).double()  # (nnz, I)
-        c = self.offset - parent.zero_point
-        dots = (self.h_w.index_select(0, cols) * rows_k).sum(1) + c * self.h_rows[cols]
-        # ⟨DᵀD, H⟩ = Σ_t d_t H d_tᵀ over the touched tokens
-        touched, local = torch.unique(tokens, return_inverse=True)
-        sparse = torch.sparse_coo_tensor(
-            torch.stack([local, cols]),
-            v64,
-            (touched.numel(), self.in_features),
-            check_invariants=False,
+    def score(scales: Tensor, zps: Tensor) -> Tensor:
+        s, z = scales[:, 0], zps[:, 0]
+        quad = torch.stack(
+            [
+                (code_gram(float(si), float(torch.round(zi))) * h_w).sum()
+                for si, zi in zip(s, z, strict=True)
+            ]
         )
-        d_h = torch.sparse.mm(sparse, self.h_w)
-        quad = parent.quad + 2 * (v64 * dots).sum() + (v64 * d_h[local, cols]).sum()
-        return _Codes(parent.zero_point, counts, quad, update=(parent, tokens, cols, values))
+        s64 = s.double()
+        return (s64**2 * quad - 2 * s64 * linear_terms(s, z))[:, None]
+
+    return score
 
 
 # -- log quantizers ------------------------------------------------------------------------------
@@ -561,11 +489,47 @@ class GramOperandError:
         out = self.x[g] / scale
         return out.round_().add_(zp).clamp_(0, self.n_levels - 1).sub_(zp)
 
+    def _codes_of(self, neg: Tensor, scales: Tensor, zps: Tensor) -> Tensor:
+        """Codes of elements ``-neg`` ``(K, ...)`` under candidates ``(K,)``, float steps as
+        :meth:`_centred_codes`."""
+        shape = (-1,) + (1,) * (neg.dim() - 1)
+        out = -neg / scales.view(shape)
+        return out.round_().add_(zps.view(shape)).clamp_(0, self.n_levels - 1)
+
     def _counts(self, g: int, scales: Tensor, zps: Tensor) -> Tensor:
-        return uniform_counts(self.sorted_neg[g], scales, zps, self.n_levels, self.WINDOW)
+        """``(K, N-1)`` elements with code > k, i.e. ``round(x/s) + z > k``: located by
+        ``searchsorted`` at ``x = (k − z + ½)·s`` and settled with the code formula in a
+        window, all candidates at once (one candidate at a time where the window fails)."""
+        values = self.sorted_neg[g]
+        n, w = values.numel(), self.WINDOW
+        k = torch.arange(self.n_levels - 1)
+        steps = k.double()[None] - zps.double()[:, None] + 0.5
+        thresholds = (-steps * scales.double()[:, None]).to(values.dtype)
+        approx = torch.searchsorted(values, thresholds.contiguous())
+        lo, hi = (approx - w).clamp(0, n), (approx + w).clamp(0, n)
+        index = lo[..., None] + torch.arange(2 * w)
+        codes = self._codes_of(values[index.clamp(max=n - 1)], scales, zps)
+        counts = lo + ((codes > k[:, None]) & (index < hi[..., None])).sum(-1)
+        left = self._codes_of(values[(lo - 1).clamp(min=0)], scales, zps)
+        right = self._codes_of(values[hi.clamp(max=n - 1)], scales, zps)
+        settled = ((lo == 0) | (left > k)) & ((hi == n) | (right <= k))
+        for i in torch.nonzero(~settled.all(1)).flatten().tolist():  # ties wider than the window
+            codes = self._codes_of(values[None], scales[i : i + 1], zps[i : i + 1])[0]
+            counts[i] = torch.searchsorted(-codes, -(k + 1).to(codes.dtype), right=True)
+        return counts
 
     def _parents(self, g: int, counts: Tensor, zps: Tensor) -> Tensor:
-        return torch.tensor(_nearest_parents(self.kept[g], counts, zps, self.max_changed))
+        """Index into ``kept[g]`` of each candidate's closest kept candidate with its zero
+        point, or −1 where none is within ``max_changed`` changed codes."""
+        kept = self.kept[g]
+        if not kept:
+            return torch.full((counts.shape[0],), -1)
+        kept_counts = torch.stack([entry.counts for entry in kept])
+        kept_zps = torch.tensor([entry.zero_point for entry in kept], dtype=zps.dtype)
+        changed = (counts[:, None, :] - kept_counts[None]).abs().sum(2)
+        changed[zps[:, None] != kept_zps[None]] = self.max_changed + 1
+        distance, nearest = changed.min(1)  # ties: the better-ranked parent
+        return torch.where(distance <= self.max_changed, nearest, -1)
 
     def _children(
         self, g: int, children: Tensor, parents: Tensor, counts: Tensor, entries: list
@@ -608,52 +572,6 @@ class GramOperandError:
             )
             entries[k] = _Operand(parent.zero_point, counts[k], quads[m], update=update)
         return quads
-
-
-def uniform_counts(
-    sorted_neg: Tensor, scales: Tensor, zps: Tensor, n_levels: int, window: int
-) -> Tensor:
-    """``(K, N-1)`` elements with code > k under asymmetric uniform candidates ``(K,)``, i.e.
-    ``round(x/s) + z > k``, from the ascending negated values: located by ``searchsorted`` at
-    ``x = (k − z + ½)·s`` and settled with the quantizer's own float steps in a window, all
-    candidates at once (one candidate at a time where a run of ties is wider than the window).
-    """
-    n = sorted_neg.numel()
-    k = torch.arange(n_levels - 1)
-    steps = k.double()[None] - zps.double()[:, None] + 0.5
-    thresholds = (-steps * scales.double()[:, None]).to(sorted_neg.dtype)
-    approx = torch.searchsorted(sorted_neg, thresholds.contiguous())
-    lo, hi = (approx - window).clamp(0, n), (approx + window).clamp(0, n)
-    index = lo[..., None] + torch.arange(2 * window)
-
-    def codes_of(neg: Tensor, sl: slice = slice(None)) -> Tensor:
-        """:func:`asym_fake_quant`'s code steps for elements ``-neg`` ``(K, ...)``."""
-        shape = (-1,) + (1,) * (neg.dim() - 1)
-        out = -neg / scales[sl].view(shape)
-        return out.round_().add_(zps[sl].view(shape)).clamp_(0, n_levels - 1)
-
-    codes = codes_of(sorted_neg[index.clamp(max=n - 1)])
-    counts = lo + ((codes > k[:, None]) & (index < hi[..., None])).sum(-1)
-    left = codes_of(sorted_neg[(lo - 1).clamp(min=0)])
-    right = codes_of(sorted_neg[hi.clamp(max=n - 1)])
-    settled = ((lo == 0) | (left > k)) & ((hi == n) | (right <= k))
-    for i in torch.nonzero(~settled.all(1)).flatten().tolist():
-        codes = codes_of(sorted_neg[None], slice(i, i + 1))[0]
-        counts[i] = torch.searchsorted(-codes, -(k + 1).to(codes.dtype), right=True)
-    return counts
-
-
-def _nearest_parents(kept: list, counts: Tensor, zps: Tensor, max_changed: int) -> list[int]:
-    """Index into ``kept`` of each candidate's closest kept candidate with its zero point
-    (fewest changed codes), or −1 where none is within ``max_changed``."""
-    if not kept:
-        return [-1] * counts.shape[0]
-    kept_counts = torch.stack([entry.counts for entry in kept])
-    kept_zps = torch.tensor([entry.zero_point for entry in kept], dtype=zps.dtype)
-    changed = (counts[:, None, :] - kept_counts[None]).abs().sum(2)
-    changed[zps[:, None] != kept_zps[None]] = max_changed + 1
-    distance, nearest = changed.min(1)  # ties: the better-ranked parent
-    return torch.where(distance <= max_changed, nearest, -1).tolist()
 
 
 def prefix_counts(
