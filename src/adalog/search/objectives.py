@@ -344,12 +344,11 @@ class LogInputError:
         """``p_k`` = inputs with code > k, near the thresholds ``log s − (k + ½)/ratio``."""
         k = torch.arange(n_levels)
         thresholds = (log_scale - (k + 0.5) / ratio).to(self.sorted_log.dtype)
-        return prefix_counts(
-            self.sorted_log,
-            thresholds,
-            lambda values: log_codes_from_exponent(values, log_scale, ratio),
-            self.WINDOW,
-        )
+
+        def codes_of(values: Tensor, _candidates: slice) -> Tensor:
+            return log_codes_from_exponent(values, log_scale, ratio)
+
+        return prefix_counts(self.sorted_log, thresholds[None], codes_of, self.WINDOW)[0]
 
     def _sparse_update(self, key: int, counts: Tensor, levels: Tensor) -> Tensor | None:
         """``U`` from the closest kept candidate with the same levels, or ``None`` if none is
@@ -489,34 +488,19 @@ class GramOperandError:
         out = self.x[g] / scale
         return out.round_().add_(zp).clamp_(0, self.n_levels - 1).sub_(zp)
 
-    def _codes_of(self, neg: Tensor, scales: Tensor, zps: Tensor) -> Tensor:
-        """Codes of elements ``-neg`` ``(K, ...)`` under candidates ``(K,)``, float steps as
-        :meth:`_centred_codes`."""
-        shape = (-1,) + (1,) * (neg.dim() - 1)
-        out = -neg / scales.view(shape)
-        return out.round_().add_(zps.view(shape)).clamp_(0, self.n_levels - 1)
-
     def _counts(self, g: int, scales: Tensor, zps: Tensor) -> Tensor:
-        """``(K, N-1)`` elements with code > k, i.e. ``round(x/s) + z > k``: located by
-        ``searchsorted`` at ``x = (k − z + ½)·s`` and settled with the code formula in a
-        window, all candidates at once (one candidate at a time where the window fails)."""
-        values = self.sorted_neg[g]
-        n, w = values.numel(), self.WINDOW
-        k = torch.arange(self.n_levels - 1)
-        steps = k.double()[None] - zps.double()[:, None] + 0.5
-        thresholds = (-steps * scales.double()[:, None]).to(values.dtype)
-        approx = torch.searchsorted(values, thresholds.contiguous())
-        lo, hi = (approx - w).clamp(0, n), (approx + w).clamp(0, n)
-        index = lo[..., None] + torch.arange(2 * w)
-        codes = self._codes_of(values[index.clamp(max=n - 1)], scales, zps)
-        counts = lo + ((codes > k[:, None]) & (index < hi[..., None])).sum(-1)
-        left = self._codes_of(values[(lo - 1).clamp(min=0)], scales, zps)
-        right = self._codes_of(values[hi.clamp(max=n - 1)], scales, zps)
-        settled = ((lo == 0) | (left > k)) & ((hi == n) | (right <= k))
-        for i in torch.nonzero(~settled.all(1)).flatten().tolist():  # ties wider than the window
-            codes = self._codes_of(values[None], scales[i : i + 1], zps[i : i + 1])[0]
-            counts[i] = torch.searchsorted(-codes, -(k + 1).to(codes.dtype), right=True)
-        return counts
+        """``(K, N-1)`` elements with code > k, i.e. ``round(x/s) + z > k``: near
+        ``x = (k − z + ½)·s``, settled with :meth:`_centred_codes`' float steps."""
+        k = torch.arange(self.n_levels - 1, dtype=torch.float64)
+        steps = k[None] - zps.double()[:, None] + 0.5
+        thresholds = (-steps * scales.double()[:, None]).to(self.x.dtype)
+
+        def codes_of(neg: Tensor, candidates: slice) -> Tensor:
+            shape = (-1,) + (1,) * (neg.dim() - 1)
+            out = -neg / scales[candidates].view(shape)
+            return out.round_().add_(zps[candidates].view(shape)).clamp_(0, self.n_levels - 1)
+
+        return prefix_counts(self.sorted_neg[g], thresholds, codes_of, self.WINDOW)
 
     def _parents(self, g: int, counts: Tensor, zps: Tensor) -> Tensor:
         """Index into ``kept[g]`` of each candidate's closest kept candidate with its zero
@@ -577,28 +561,29 @@ class GramOperandError:
 def prefix_counts(
     sorted_values: Tensor,
     thresholds: Tensor,
-    codes_of: Callable[[Tensor], Tensor],
+    codes_of: Callable[[Tensor, slice], Tensor],
     window: int,
 ) -> Tensor:
-    """``p_k`` = number of elements with code > k, for codes that never increase along the
-    ascending ``sorted_values``: located by ``searchsorted`` at ``thresholds[k]`` and settled
-    with ``codes_of`` itself (the very float steps of the quantizer) in a window around it, so
-    the counts agree with the codes a full recomputation gives."""
+    """``(K, L)`` counts ``p_k`` of elements with code > k under K candidates, for codes that
+    never increase along the ascending ``sorted_values``: located by ``searchsorted`` at
+    ``thresholds`` ``(K, L)`` and settled in a window around it with ``codes_of(values,
+    candidates)`` itself (the quantizer's own float steps on ``values`` ``(k, ...)`` for the
+    candidates in the slice), so the counts agree with the codes a full recomputation gives."""
     n = sorted_values.numel()
-    k = torch.arange(thresholds.numel())
-    approx = torch.searchsorted(sorted_values, thresholds)
-    lo = (approx - window).clamp(0, n)
-    hi = (approx + window).clamp(0, n)
-    index = lo[:, None] + torch.arange(2 * window)
-    inside = index < hi[:, None]
-    codes = codes_of(sorted_values[index.clamp(max=n - 1)])
-    counts = lo + ((codes > k[:, None]) & inside).sum(1)
-    left_ok = (lo == 0) | (codes_of(sorted_values[(lo - 1).clamp(min=0)]) > k)
-    right_ok = (hi == n) | (codes_of(sorted_values[hi.clamp(max=n - 1)]) <= k)
-    if bool((left_ok & right_ok).all()):
-        return counts
-    codes = codes_of(sorted_values).to(torch.int64)  # rare: a run of ties wider than the window
-    return torch.searchsorted(-codes, -(k + 1), right=True)
+    k = torch.arange(thresholds.shape[-1])
+    approx = torch.searchsorted(sorted_values, thresholds.contiguous())
+    lo, hi = (approx - window).clamp(0, n), (approx + window).clamp(0, n)
+    index = lo[..., None] + torch.arange(2 * window)
+    every = slice(None)
+    codes = codes_of(sorted_values[index.clamp(max=n - 1)], every)
+    counts = lo + ((codes > k[:, None]) & (index < hi[..., None])).sum(-1)
+    left = codes_of(sorted_values[(lo - 1).clamp(min=0)], every)
+    right = codes_of(sorted_values[hi.clamp(max=n - 1)], every)
+    settled = ((lo == 0) | (left > k)) & ((hi == n) | (right <= k))
+    for i in torch.nonzero(~settled.all(1)).flatten().tolist():  # ties wider than the window
+        codes = codes_of(sorted_values[None], slice(i, i + 1))[0].to(torch.int64)
+        counts[i] = torch.searchsorted(-codes, -(k + 1), right=True)
+    return counts
 
 
 def boundary_changes(counts: Tensor, parent: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
