@@ -539,9 +539,14 @@ class GramOperandError:
             check_invariants=False,
         )
         delta = torch.sparse.mm(sparse, self.gram[g].reshape(-1, self.width))  # rows of DG
-        used, which = torch.unique(parents, return_inverse=True)
-        products = torch.stack([kept[p].product().reshape(-1) for p in used.tolist()])
-        above = products[which[child], flat].double()
+        # ⟨D, U⟩ reads each parent's U at its children's entries (no copy of the products)
+        entry_parent = parents[child]
+        order = torch.argsort(entry_parent, stable=True)
+        sizes = torch.bincount(entry_parent, minlength=len(kept)).tolist()
+        above = torch.empty(flat.numel(), dtype=torch.float64)
+        for p, chunk in enumerate(torch.split(order, sizes)):
+            if chunk.numel():
+                above[chunk] = kept[p].product().reshape(-1)[flat[chunk]].double()
         v64 = values.double()
         gain = 2 * v64 * above + v64 * delta[local, cols].double()
         quads = torch.stack([kept[p].quad for p in parents.tolist()])
