@@ -40,12 +40,13 @@ from adalog.pipelines.evaluate import evaluate
 from adalog.pipelines.export import fake_quant_model, read_artifact
 from adalog.runtime import build_integer_model
 from adalog.runtime.fast import onednn_linears
+from adalog.runtime.onnx_engine import OrtModel, build_onnx_graph, onnx_fp32_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SAMPLE = SHARED / "data" / "imagenet-sample"
 WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
-ENGINES = ("fp32", "fp32-onednn", "fake", "reference", "fast")
+ENGINES = ("fp32", "fp32-onednn", "fp32-onnx", "fake", "reference", "fast", "onnx")
 #: profiler op-name fragments per category (first match wins; the rest is "other")
 OP_CATEGORIES = {
     "int8 GEMM": ("qlinear", "_int_mm"),
@@ -76,8 +77,13 @@ def build(engine: str, artifact, weights: str) -> nn.Module:
         return create_model(artifact.meta["model"], weights=weights)
     if engine == "fp32-onednn":
         return onednn_linears(create_model(artifact.meta["model"], weights=weights))
+    if engine == "fp32-onnx":
+        return onnx_fp32_model(create_model(artifact.meta["model"], weights=weights))
     if engine == "fake":
         return fake_quant_model(artifact)
+    if engine == "onnx":
+        fast = build_integer_model(artifact, "fast")
+        return OrtModel(build_onnx_graph(fast), source=fast)
     return build_integer_model(artifact, engine)
 
 

@@ -39,10 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--artifact", help="run this exported integer artifact (adalog export)")
     ev.add_argument(
         "--engine",
-        choices=("reference", "fast"),
+        choices=("reference", "fast", "onnx"),
         help="CPU engine: integer execution of --artifact (reference: exact int64 GEMMs; fast: "
-        "oneDNN int8 linears and int8 _int_mm, float LUT for log-coded operands; default "
-        "reference), or with --model the FP32 model with oneDNN linears (fast only)",
+        "oneDNN int8 linears and int8 _int_mm, float LUT for log-coded operands; onnx: the fast "
+        "engine's graph in ONNX Runtime, ViT/DeiT only; default reference), or with --model the "
+        "FP32 model in the same engine (fast: oneDNN linears; onnx: ONNX Runtime)",
     )
     ev.add_argument(
         "--dtype",
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a quantized checkpoint as packed integer codes")
     ex.add_argument("qdir", help="quantized checkpoint folder (adalog quantize --out)")
     ex.add_argument("--out", required=True, help="artifact folder")
+    ex.add_argument(
+        "--onnx",
+        help="also write the artifact as an ONNX model (the onnx engine's graph: integer "
+        "linears, LUT-coded log operands; ViT/DeiT only) to this file",
+    )
     ex.set_defaults(func=_cmd_export)
     return parser
 
@@ -142,7 +148,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         from adalog.runtime import load_integer_model
 
         engine = args.engine or "reference"
-        model = load_integer_model(args.artifact, engine, args.model, getattr(torch, args.dtype))
+        if engine == "onnx":
+            from adalog.runtime.onnx_engine import load_onnx_model
+
+            model = load_onnx_model(args.artifact, args.model)
+        else:
+            dtype = getattr(torch, args.dtype)
+            model = load_integer_model(args.artifact, engine, args.model, dtype)
         name = model.adalog_meta["model"]
     elif args.quantized:
         model = load_quantized(args.quantized, expected_model=args.model)
@@ -157,6 +169,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             from adalog.runtime.fast import onednn_linears
 
             model = onednn_linears(model)
+        elif args.engine == "onnx":  # FP32 in ONNX Runtime
+            from adalog.runtime.onnx_engine import onnx_fp32_model
+
+            model = onnx_fp32_model(model)
     else:
         raise AdalogError("pass --model (FP evaluation), --quantized QDIR or --artifact ART")
     loader = build_eval_loader(
@@ -174,13 +190,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         result.extra["quantized"] = str(args.quantized)
         result.extra["bits"] = model.adalog_meta["bits"]
     if args.artifact:
-        kernel = model.integer_kernel
         result.extra.update(artifact=str(args.artifact), bits=model.adalog_meta["bits"])
-        result.extra.update(engine=engine, precision="integer", kernel_calls=kernel.stats)
+        result.extra.update(engine=engine, precision="integer")
+        kernel = getattr(model, "integer_kernel", None)
+        if kernel is not None:
+            result.extra["kernel_calls"] = kernel.stats
         if getattr(kernel, "fallback_reason", None):
             result.extra["kernel_fallback"] = kernel.fallback_reason
     elif args.engine:
-        result.extra.update(engine=args.engine, precision="fp32", linears="oneDNN fp32")
+        linears = {"fast": "oneDNN fp32", "onnx": "ONNX Runtime fp32"}[args.engine]
+        result.extra.update(engine=args.engine, precision="fp32", linears=linears)
     _report(result, args.json)
 
 
@@ -192,8 +211,8 @@ def _check_eval_sources(args: argparse.Namespace) -> None:
         raise AdalogError("--engine runs an --artifact or the FP32 --model, not --quantized")
     if args.engine == "reference" and not args.artifact:
         raise AdalogError("the reference engine runs integer artifacts; the FP32 baseline is fast")
-    if args.dtype != "float32" and args.engine == "fast":
-        raise AdalogError(f"the fast engine runs in float32 only, not --dtype {args.dtype}")
+    if args.dtype != "float32" and args.engine in ("fast", "onnx"):
+        raise AdalogError(f"the {args.engine} engine runs float32 only, not --dtype {args.dtype}")
     if (args.engine or args.artifact) and args.device not in ("auto", "cpu"):
         raise AdalogError(f"the integer/fast engines run on the CPU, not --device {args.device}")
 
@@ -348,6 +367,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
         f"{len(meta['layers'])} quantized layers alone take {fp32 / 2**20:.2f} MiB "
         f"({fp32 / size:.1f}x)"
     )
+    if args.onnx:
+        from adalog.runtime.onnx_engine import load_onnx_model
+
+        load_onnx_model(args.out).save(args.onnx)
+        print(f"wrote {args.onnx}: {Path(args.onnx).stat().st_size / 2**20:.2f} MiB")
 
 
 def _report(result, json_path: str | None) -> None:

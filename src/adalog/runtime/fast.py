@@ -165,11 +165,13 @@ class FastLinear(nn.Module):
             self.x_zero = int(torch.round(quant.zero_point))
             self.x_top = 2**quant.n_bits - 1
             shifted = raw - w_zero[:, None]
+            self.weight_zero: Tensor | None = None  # per-row zero point of centred codes
             if int(shifted.min()) >= -128 and int(shifted.max()) <= 127:
                 w8, rank1 = shifted, None
             else:  # 8-bit weights: centred codes; the zero-point residual as a rank-1 term
                 half = 2 ** (w_bits - 1)
                 w8 = raw - half
+                self.weight_zero = w_zero - half
                 rank1 = -((w_zero - half).to(torch.float32) * self.x_scale * w_scale)[None, :]
             self.register_buffer("rank1", rank1, persistent=False)
             self.weight = kernel.pack_int8(w8)
