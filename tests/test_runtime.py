@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+import onnx
+import onnxruntime
 import pytest
 import timm
 import torch
@@ -34,6 +36,12 @@ from adalog.runtime.fast import (
 )
 from adalog.runtime.integer import Coded, LogCoder, _log_tables, int_bilinear, log_index
 from adalog.runtime.kernels import FastKernel, ReferenceKernel
+from adalog.runtime.onnx_engine import (
+    OrtModel,
+    build_onnx_graph,
+    load_onnx_model,
+    onnx_fp32_model,
+)
 
 VIT = {"depth": 2, "img_size": 64, "patch_size": 16, "embed_dim": 64, "num_heads": 2}
 SWIN = {"depths": (1, 1), "num_heads": (1, 2), "embed_dim": 16, "img_size": 56}
@@ -408,14 +416,15 @@ def test_cli_eval_artifact_engines(artifact_dir: Path, tiny_folder: Path, tmp_pa
         engine: _eval(
             ["--artifact", str(artifact_dir), "--engine", engine], tiny_folder, tmp_path / engine
         )
-        for engine in ("reference", "fast")
+        for engine in ("reference", "fast", "onnx")
     }
     for engine, result in results.items():
         assert result["engine"] == engine and result["precision"] == "integer"
         assert result["n"] == 6 and result["batch_size"] == 4 and result["images_per_s"] > 0
         assert result["device"] == "cpu" and result["bits"] == {"w": 4, "a": 4, "s": 4}
-    assert results["fast"]["top1"] == results["reference"]["top1"]
-    assert results["fast"]["top5"] == results["reference"]["top5"]
+    for engine in ("fast", "onnx"):
+        assert results[engine]["top1"] == results["reference"]["top1"]
+        assert results[engine]["top5"] == results["reference"]["top5"]
     assert results["reference"]["kernel_calls"]["int64_matmul"] > 0
 
 
@@ -538,3 +547,65 @@ def test_large_zero_points_widen_the_fast_accumulator():
     ]
     expected = (a.double() - 400) @ (b.double() - zb.double())
     assert torch.equal(results[0], expected) and torch.equal(results[1], expected)
+
+
+# --- onnx engine ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["adalog", "log2", "w3a4", "w8a8"])
+def test_onnx_engine_matches_fast_engine(variant: str):
+    """The ONNX graph computes the fast engine's model: exact integer sums (int8 linears with
+    ``MatMulIntegerToFloat``, integer-valued q·kᵀ), float32 rounding elsewhere (measured
+    <= 1.0e-7 relative on these models)."""
+    artifact = build_artifact(_quantized(variant))
+    fast = build_integer_model(artifact, "fast")
+    x = _images()
+    with torch.no_grad():
+        expected = fast(x)
+    graph = build_onnx_graph(fast)
+    logits = OrtModel(graph, threads=1, source=fast)(x)
+    assert _rel(logits, expected) < 1e-5
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    ops = [node.op_type for node in graph.graph.node]
+    # qkv, proj, fc1 per block and the head run on int8 codes; fc2 reads the LUT
+    assert ops.count("MatMulIntegerToFloat") == 3 * VIT["depth"] + 1
+    assert ops.count("GatherElements") == 2 * VIT["depth"]
+    int8 = [
+        t
+        for t in graph.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+    ]
+    dim = VIT["embed_dim"]  # int8 weight codes: 8·dim² per block (qkv, proj, fc1), the head
+    assert sum(math.prod(t.dims) for t in int8) == 8 * dim**2 * VIT["depth"] + dim * 1000
+
+
+def test_onnx_fp32_graph_matches_timm():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, **VIT).eval()
+    x = _images()
+    with torch.no_grad():
+        expected = model(x)
+    assert _rel(onnx_fp32_model(model, threads=1)(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("variant,swin", [("adalog", True), ("logsqrt2+uniform", False)])
+def test_onnx_engine_refuses_what_it_cannot_run(variant: str, swin: bool):
+    fast = build_integer_model(build_artifact(_quantized(variant, swin)), "fast")
+    with pytest.raises(ArtifactError, match="onnx engine runs"):
+        build_onnx_graph(fast)
+
+
+def test_cli_export_onnx_and_fp32_eval(quantized_dir: Path, random_deit_and_images, tmp_path: Path):
+    art, path = tmp_path / "art", tmp_path / "model.onnx"
+    assert main(["export", str(quantized_dir), "--out", str(art), "--onnx", str(path)]) == 0
+    onnx.checker.check_model(onnx.load(str(path)))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from_file = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    assert torch.equal(from_file, load_onnx_model(art, threads=1)(x))
+    weights, data = random_deit_and_images
+    args = ["--model", "deit_tiny_patch16_224", "--weights", str(weights), "--engine", "onnx"]
+    result = _eval(args, data, tmp_path / "fp.json")
+    assert result["engine"] == "onnx" and result["linears"] == "ONNX Runtime fp32"
+    plain = _eval(args[:4], data, tmp_path / "plain.json")
+    assert (plain["top1"], plain["top5"]) == (result["top1"], result["top5"])
