@@ -51,10 +51,12 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from adalog.errors import AdalogError, ArtifactError
+from adalog.models.qmodules import QuantViTAttention
 from adalog.quant.log import _U_MIN
 from adalog.runtime.fast import (
     _LOG2_U_MIN,
     FastLinear,
+    FastMatMul,
     FastViTAttention,
     LayerNormToCodes,
     _code_per_log2,
@@ -258,19 +260,47 @@ def _split3(g: GraphBuilder, x: str, sizes: str) -> tuple[str, str, str]:
     return names[0], names[1], names[2]
 
 
-def _fp32_attention(g: GraphBuilder, attn: Attention, x: str) -> str:
+def _int8_matmul(g: GraphBuilder, mm: FastMatMul, a: str, b: str, k: int) -> str:
+    """A uniform x uniform :class:`FastMatMul`: ``s_a s_b·Σ (a_code - z_a)(b_code - z_b)`` as a
+    float ``MatMul`` of integer-valued tensors, exact in float32 while ``K·2^(bits_a+bits_b) <
+    2^24`` (8-bit attn·v: up to 256 tokens), which is checked."""
+    if k * 2 ** (mm.a_bits + mm.b_bits) >= 2**24:
+        raise ArtifactError(f"the onnx engine's integer matmul is not exact for K = {k}")
+    centred = []
+    operands = ((a, mm.a_scale, mm.a_zero, mm.a_bits), (b, mm.b_scale, mm.b_zero, mm.b_bits))
+    for t, scale, zero, bits in operands:
+        half = 2 ** (bits - 1)
+        codes = g.op("Round", g.op("Div", t, g.const(scale, "scale")))
+        codes = g.op("Add", codes, g.const(zero - half, "zero"))
+        low, high = g.const(np.float32(-half), "low"), g.const(np.float32(half - 1), "high")
+        centred.append(g.op("Sub", g.op("Clip", codes, low, high), g.const(zero - half, "zero")))
+    out = g.op("MatMul", centred[0], centred[1], hint="int_matmul")
+    return g.op("Mul", out, g.const(mm.a_scale * mm.b_scale, "scales"))
+
+
+def _attention(g: GraphBuilder, attn: nn.Module, x: str, tokens: int) -> str:
+    """timm attention in FP32, or :class:`QuantViTAttention` with int8 matmuls (a uniform
+    post-Softmax quantizer, which the fast engine does not fuse)."""
     heads, dim = attn.num_heads, attn.head_dim
     c = heads * dim
     qkv = _linear(g, attn.qkv, x)
     q, k, v = _split3(g, qkv, g.const(np.array([c, c, c], np.int64), "split"))
-    q = g.op("Mul", _heads(g, q, heads, dim, [0, 2, 1, 3]), g.const(np.float32(attn.scale), "s"))
-    scores = g.op("MatMul", q, _heads(g, k, heads, dim, [0, 2, 3, 1]))
+    q = _heads(g, q, heads, dim, [0, 2, 1, 3])
+    k_t, v = _heads(g, k, heads, dim, [0, 2, 3, 1]), _heads(g, v, heads, dim, [0, 2, 1, 3])
+    scale = g.const(np.float32(attn.scale), "softmax_scale")
+    if isinstance(attn, QuantViTAttention):
+        scores = g.op("Mul", _int8_matmul(g, attn.matmul1, q, k_t, dim), scale)
+    else:
+        scores = g.op("MatMul", g.op("Mul", q, scale), k_t)
     probs = g.op("Softmax", scores, axis=-1)
-    out = g.op("MatMul", probs, _heads(g, v, heads, dim, [0, 2, 1, 3]))
+    if isinstance(attn, QuantViTAttention):
+        out = _int8_matmul(g, attn.matmul2, probs, v, tokens)
+    else:
+        out = g.op("MatMul", probs, v)
     return _linear(g, attn.proj, _merge_heads(g, out, c))
 
 
-def _block(g: GraphBuilder, block: nn.Module, x: str) -> str:
+def _block(g: GraphBuilder, block: nn.Module, x: str, tokens: int) -> str:
     if type(block) is not Block or type(block.mlp) is not Mlp:
         raise ArtifactError(f"the onnx engine runs timm ViT Blocks, not {type(block).__name__}")
     for extra in (block.ls1, block.ls2, block.drop_path1, block.drop_path2):
@@ -279,12 +309,12 @@ def _block(g: GraphBuilder, block: nn.Module, x: str) -> str:
     y, codes = _layer_norm(g, block.norm1, x)
     if isinstance(block.attn, FastViTAttention):
         y = _fast_attention(g, block.attn, y, codes)
-    elif type(block.attn) is Attention and not codes and _plain(block.attn):
-        y = _fp32_attention(g, block.attn, y)
+    elif _unfused_attention(block.attn) and not codes:
+        y = _attention(g, block.attn, y, tokens)
     else:
         raise ArtifactError(
             "the onnx engine runs the fast engine's fused attention (a log post-Softmax "
-            f"quantizer) or FP32 attention, not {type(block.attn).__name__}"
+            "quantizer), int8 attention (a uniform post-Softmax quantizer) or FP32 attention"
         )
     x = g.op("Add", x, y, hint="residual")
     mlp = block.mlp
@@ -299,8 +329,16 @@ def _block(g: GraphBuilder, block: nn.Module, x: str) -> str:
     return g.op("Add", x, _linear(g, mlp.fc2, y), hint="residual")
 
 
-def _plain(attn: Attention) -> bool:
-    return all(isinstance(getattr(attn, n), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
+def _unfused_attention(attn: nn.Module) -> bool:
+    """FP32 timm attention, or quantized attention whose matmuls are both uniform (int8)."""
+    if type(attn) is QuantViTAttention:
+        matmuls = (attn.matmul1, attn.matmul2)
+        if not all(isinstance(m, FastMatMul) and m.mode == "int8" for m in matmuls):
+            return False
+    elif type(attn) is not Attention:
+        return False
+    plain = all(isinstance(getattr(attn, n), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
+    return plain and getattr(attn, "gate", None) is None
 
 
 def _patch_embed(g: GraphBuilder, embed: nn.Module, image: str) -> str:
@@ -348,8 +386,9 @@ def build_onnx_graph(model: nn.Module):
     cls = g.op("Expand", g.const(model.cls_token, "cls_token"), cls_shape)
     x = g.op("Concat", cls, x, axis=1)
     x = g.op("Add", x, g.const(model.pos_embed, "pos_embed"))
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     for block in model.blocks:
-        x = _block(g, block, x)
+        x = _block(g, block, x, tokens)
     x, _ = _layer_norm(g, model.norm, x)
     x = g.op("Gather", x, g.const(np.int64(0), "cls_index"), axis=1)
     logits = _linear(g, model.head, x)
