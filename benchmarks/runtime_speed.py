@@ -4,7 +4,9 @@ Engines: ``fp32`` (the timm model in plain torch FP32 eval: the same torch CPU r
 engine runs on), ``fp32-onednn`` (the same FP32 model with every ``nn.Linear`` on oneDNN's
 prepacked fp32 GEMM instead of torch's default MKL sgemm: a stronger FP32 baseline on AMD CPUs,
 where it is ~2.3x faster at these shapes), ``fake`` (the artifact's fake-quant float model),
-``reference`` (exact int64 GEMMs) and ``fast`` (int8 GEMMs, see adalog.runtime.fast).
+``reference`` (exact int64 GEMMs), ``fast`` (int8 GEMMs, see adalog.runtime.fast), ``onnx`` (the
+fast engine's graph as ONNX in ONNX Runtime, see adalog.runtime.onnx_engine) and ``fp32-onnx``
+(the FP32 model's graph in ONNX Runtime: the same-engine baseline of ``onnx``).
 
 Timing is interleaved in one process so that background load hits every engine alike: per batch
 size, every model gets a warm-up forward, then rounds of one timed forward per engine (in turn)

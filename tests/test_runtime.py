@@ -582,7 +582,10 @@ def test_onnx_engine_matches_fast_engine(variant: str):
     assert ops.count("GatherElements") == len(luts)
     codes = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     weights = sum(m.in_features * m.out_features for m in int8)
-    assert sum(math.prod(t.dims) for t in codes if len(t.dims) == 2) == weights
+    assert sum(math.prod(t.dims) for t in codes if len(t.dims) == 2) >= weights
+    # every weight is stored as integer codes; what stays float is small (norms, biases, ...)
+    floats = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert sum(math.prod(t.dims) for t in floats) < 0.1 * sum(math.prod(t.dims) for t in codes)
 
 
 def test_onnx_fp32_graph_matches_timm():

@@ -134,6 +134,16 @@ def _weight_codes(artifact: Artifact, name: str) -> tuple[Tensor, Tensor, Tensor
     return raw.reshape(shape[0], -1), zero.to(torch.int64), scale, bits
 
 
+def _int8_rows(raw: Tensor, zero: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
+    """Weight codes as int8-range rows: ``raw - z`` when that fits (widths <= 7 bits), else the
+    centred ``raw - 2^(b-1)`` with the centred zero point ``z - 2^(b-1)`` (8-bit weights)."""
+    shifted = raw - zero[:, None]
+    if int(shifted.min()) >= -128 and int(shifted.max()) <= 127:
+        return shifted, None
+    half = 2 ** (bits - 1)
+    return raw - half, zero - half
+
+
 class FastLinear(nn.Module):
     """Linear layer of the fast engine: int8 oneDNN GEMM for a per-tensor uniform input (which
     may also arrive as uint8 codes, see :class:`LayerNormToCodes`), float LUT + fp32 GEMM for a
@@ -147,6 +157,10 @@ class FastLinear(nn.Module):
         raw, w_zero, w_scale, w_bits = _weight_codes(artifact, name)
         bias = None if module.bias is None else module.bias.detach().to(torch.float32).clone()
         quant = module.input_quant
+        # int8 weight codes [O, K] and, when they do not fit with the zero point folded in
+        # (8-bit weights), the per-row zero point of the centred codes
+        w8, self.weight_zero = _int8_rows(raw, w_zero, w_bits)
+        self.register_buffer("w_scale", w_scale, persistent=False)
         if isinstance(quant, LogQuantizer):
             self.mode = "lut"
             self.quant = quant
@@ -158,24 +172,18 @@ class FastLinear(nn.Module):
                 shift_term = -float(quant.shift) * w_hat.double().sum(1).to(torch.float32)
                 bias = shift_term if bias is None else bias + shift_term
             self.weight = kernel.pack_float(w_hat * quant.scale.to(torch.float32))
+            self.register_buffer("codes8", w8.to(torch.int8), persistent=False)  # for export
         elif isinstance(quant, UniformQuantizer) and quant.scale.numel() == 1:
             self.mode = "int8"
             self.register_buffer("x_scale_t", quant.scale.detach().clone(), persistent=False)
             self.x_scale = float(quant.scale)
             self.x_zero = int(torch.round(quant.zero_point))
             self.x_top = 2**quant.n_bits - 1
-            shifted = raw - w_zero[:, None]
-            self.weight_zero: Tensor | None = None  # per-row zero point of centred codes
-            if int(shifted.min()) >= -128 and int(shifted.max()) <= 127:
-                w8, rank1 = shifted, None
-            else:  # 8-bit weights: centred codes; the zero-point residual as a rank-1 term
-                half = 2 ** (w_bits - 1)
-                w8 = raw - half
-                self.weight_zero = w_zero - half
-                rank1 = -((w_zero - half).to(torch.float32) * self.x_scale * w_scale)[None, :]
+            rank1 = None  # 8-bit weights: the zero-point residual as a rank-1 term
+            if self.weight_zero is not None:
+                rank1 = -(self.weight_zero.to(torch.float32) * self.x_scale * w_scale)[None, :]
             self.register_buffer("rank1", rank1, persistent=False)
             self.weight = kernel.pack_int8(w8)
-            self.register_buffer("w_scale", w_scale, persistent=False)
         else:
             raise ArtifactError(f"{name}: the fast linear needs a per-tensor uniform or log input")
         self.register_buffer("bias", bias, persistent=False)

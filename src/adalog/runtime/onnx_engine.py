@@ -79,6 +79,10 @@ def _onnx():
     return onnx
 
 
+def _float() -> int:
+    return _onnx().TensorProto.FLOAT
+
+
 class GraphBuilder:
     """Collects ONNX nodes and initializers; every node has one output named after a hint."""
 
@@ -183,7 +187,16 @@ def _lut_linear(g: GraphBuilder, layer: FastLinear, x: str) -> str:
     top = min(kappa * _LOG2_U_MIN, float(quant.n_levels))
     codes = _log_codes(g, e, -kappa / math.log(2.0), kappa * math.log2(scale), top)
     values = _lookup(g, layer.levels, codes)
-    out = g.op("MatMul", values, g.const(layer.weight.weight.t().contiguous(), "w_lut"))
+    # s·ŵ = (w8 - z)·s_w·s from the int8 codes, so the file stores 8-bit weights; ONNX Runtime
+    # folds these constant ops into a float weight when the session starts. Not
+    # DequantizeLinear: ONNX Runtime rewrites DequantizeLinear + MatMul into MatMulNBits,
+    # which does not compute this product (13 % relative logit error measured).
+    weight = g.op("Cast", g.const(layer.codes8.t().contiguous(), "w8"), to=_float())
+    if layer.weight_zero is not None:
+        weight = g.op("Sub", weight, g.const(layer.weight_zero.to(torch.float32), "w_zero"))
+    scale = layer.w_scale * layer.quant.scale.to(torch.float32)
+    weight = g.op("Mul", weight, g.const(scale, "w_scale"))
+    out = g.op("MatMul", values, weight)
     return out if layer.bias is None else g.op("Add", out, g.const(layer.bias, "bias"))
 
 
@@ -354,13 +367,18 @@ def _patch_embed(g: GraphBuilder, embed: nn.Module, image: str) -> str:
         raise ArtifactError(f"the onnx engine cannot run a {type(conv).__name__} patch embedding")
     if conv.dilation != (1, 1) or conv.groups != 1 or isinstance(conv.padding, str):
         raise ArtifactError("the onnx engine runs an undilated, ungrouped patch convolution")
-    pads = list(conv.padding) * 2
-    y = g.op("Conv", image, g.const(weight, "patch_w"), strides=list(conv.stride), pads=pads)
+    pads, channels = list(conv.padding) * 2, int(weight.shape[0])
+    if scale is None:
+        weight = g.const(weight, "patch_w")
+    else:  # integer codes - zero point, stored in 8 (16) bits, folded to float at session start
+        small = bool(weight.abs().max() <= 127)
+        codes = g.const(weight.to(torch.int8 if small else torch.int16), "patch_codes")
+        weight = g.op("Cast", codes, to=_float())
+    y = g.op("Conv", image, weight, strides=list(conv.stride), pads=pads)
     if scale is not None:
         y = g.op("Mul", y, g.const(scale, "patch_scale"))
     if bias is not None:
         y = g.op("Add", y, g.const(bias, "patch_bias"))
-    channels = weight.shape[0]
     y = g.op("Reshape", y, g.const(np.array([0, channels, -1], np.int64), "shape"))
     return g.op("Transpose", y, perm=[0, 2, 1], hint="patches")
 
