@@ -15,12 +15,20 @@ that engine computes with the same folded constants:
   of the q/k/v scales, is rounded and clamped to centred codes; ``q·kᵀ`` runs as a float
   ``MatMul`` of those integer-valued tensors, which is exact in float32 (``|Σ| <= d·2^14 <
   2^24`` for a head dimension below 1024); the post-Softmax log code comes from
-  ``LogSoftmax``; ``Gather`` reads the levels' LUT and a float ``MatMul`` with ``v̂`` gives
-  proj's codes after ``+z``, round and clamp.
-* log-coded fc2 input: ``Log`` (natural, scaled to log2), round, clamp, ``Gather`` of the
-  float32 LUT levels, a float ``MatMul`` with ``s·ŵ`` (the post-GELU shift in the bias).
+  ``LogSoftmax``; ``GatherElements`` reads the levels' LUT (ONNX Runtime's ``Gather`` copies
+  element by element, ~13x slower) and a float ``MatMul`` with ``v̂`` gives proj's codes after
+  ``+z``, round and clamp. With a uniform post-Softmax quantizer (not fused by the fast
+  engine) both matmuls run on centred codes as integer-valued float ``MatMul``s, exact while
+  ``K·2^(bits_a + bits_b) < 2^24`` (checked).
+* log-coded fc2 input: ``Log`` (natural, scaled to log2), round, clamp, ``GatherElements`` of
+  the float32 LUT levels, a float ``MatMul`` with ``s·ŵ`` (the post-GELU shift in the bias).
 * float, as in the method: patch-embedding conv of the image with integer-valued weights and
   ``s_w[o]`` after it, LayerNorm, GELU, Softmax, residual adds.
+
+Every weight is stored as integer codes: int8 operands of ``MatMulIntegerToFloat``, and for the
+fc2 LUT product and the patch conv, int8 (int16) codes cast to float by constant ops that ONNX
+Runtime folds once when the session starts. Not ``DequantizeLinear``: ONNX Runtime rewrites
+``DequantizeLinear`` + ``MatMul`` into ``MatMulNBits``, which computes another product.
 
 An FP32 timm ViT/DeiT becomes the same graph with float ``MatMul`` linears and the plain
 attention, which is the FP32 baseline *in the same engine* (issue 7).
@@ -32,8 +40,8 @@ models), with the chaotic amplification of a 4-bit model described in
 :mod:`adalog.runtime.integer`.
 
 Scope: timm ``VisionTransformer`` with a class token, no register tokens, ``global_pool="token"``
-and plain ``Block``s (ViT, DeiT). Artifacts whose attention the fast engine does not fuse
-(a uniform post-Softmax quantizer) or whose fc2 input is twin-uniform are refused with
+and plain ``Block``s (ViT, DeiT). Everything else (Swin, a twin-uniform fc2 input, a log
+post-Softmax quantizer the fast engine does not fuse) is refused with
 :class:`~adalog.errors.ArtifactError`. Needs the ``onnx`` and ``onnxruntime`` packages.
 """
 
@@ -84,7 +92,7 @@ def _float() -> int:
 
 
 class GraphBuilder:
-    """Collects ONNX nodes and initializers; every node has one output named after a hint."""
+    """Collects ONNX nodes and initializers, naming each output after a hint."""
 
     def __init__(self) -> None:
         self.onnx = _onnx()
@@ -96,12 +104,12 @@ class GraphBuilder:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def const(self, value: Tensor | np.ndarray | float | int | list, hint: str, dtype=None) -> str:
-        """An initializer holding ``value`` (float32 unless ``dtype`` or an integer tensor)."""
+    def const(self, value: Tensor | np.ndarray | float | int, hint: str) -> str:
+        """An initializer holding ``value`` in its own dtype (float64 becomes float32)."""
         if isinstance(value, Tensor):
             value = value.detach().cpu().numpy()
-        array = np.asarray(value, dtype=dtype if dtype is not None else None)
-        if dtype is None and array.dtype == np.float64:
+        array = np.asarray(value)
+        if array.dtype == np.float64:
             array = array.astype(np.float32)
         name = self._name(hint)
         self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
@@ -245,6 +253,8 @@ def _merge_heads(g: GraphBuilder, x: str, channels: int) -> str:
 
 def _fast_attention(g: GraphBuilder, attn: FastViTAttention, x: str, codes: bool) -> str:
     heads, dim, c = attn.heads, attn.head_dim, attn.dim
+    if dim * 2**14 >= 2**24:  # centred int8 codes: |q·k| <= 2^14 per term
+        raise ArtifactError(f"the onnx engine's q·kᵀ is not exact for head dimension {dim}")
     qkv = _linear(g, attn.qkv, x, codes)
     qkv = g.op("Add", g.op("Round", qkv), g.const(attn.code_offset_qkv, "code_offset"))
     qkv = g.op("Max", qkv, g.const(attn.code_low, "low"))
