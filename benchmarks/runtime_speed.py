@@ -42,7 +42,7 @@ from adalog.pipelines.evaluate import evaluate
 from adalog.pipelines.export import fake_quant_model, read_artifact
 from adalog.runtime import build_integer_model
 from adalog.runtime.fast import onednn_linears
-from adalog.runtime.onnx_engine import OrtModel, build_onnx_graph, onnx_fp32_model
+from adalog.runtime.onnx_engine import onnx_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -80,12 +80,11 @@ def build(engine: str, artifact, weights: str) -> nn.Module:
     if engine == "fp32-onednn":
         return onednn_linears(create_model(artifact.meta["model"], weights=weights))
     if engine == "fp32-onnx":
-        return onnx_fp32_model(create_model(artifact.meta["model"], weights=weights))
+        return onnx_model(create_model(artifact.meta["model"], weights=weights))
     if engine == "fake":
         return fake_quant_model(artifact)
     if engine == "onnx":
-        fast = build_integer_model(artifact, "fast")
-        return OrtModel(build_onnx_graph(fast), source=fast)
+        return onnx_model(build_integer_model(artifact, "fast"))
     return build_integer_model(artifact, engine)
 
 

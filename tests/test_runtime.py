@@ -40,7 +40,7 @@ from adalog.runtime.onnx_engine import (
     OrtModel,
     build_onnx_graph,
     load_onnx_model,
-    onnx_fp32_model,
+    onnx_model,
 )
 
 VIT = {"depth": 2, "img_size": 64, "patch_size": 16, "embed_dim": 64, "num_heads": 2}
@@ -594,7 +594,7 @@ def test_onnx_fp32_graph_matches_timm():
     x = _images()
     with torch.no_grad():
         expected = model(x)
-    assert _rel(onnx_fp32_model(model, threads=1)(x), expected) < 1e-5
+    assert _rel(onnx_model(model, threads=1)(x), expected) < 1e-5
 
 
 @pytest.mark.parametrize("variant,swin", [("adalog", True), ("twin+logsqrt2", False)])

@@ -170,9 +170,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
             model = onednn_linears(model)
         elif args.engine == "onnx":  # FP32 in ONNX Runtime
-            from adalog.runtime.onnx_engine import onnx_fp32_model
+            from adalog.runtime.onnx_engine import onnx_model
 
-            model = onnx_fp32_model(model)
+            model = onnx_model(model)
     else:
         raise AdalogError("pass --model (FP evaluation), --quantized QDIR or --artifact ART")
     loader = build_eval_loader(

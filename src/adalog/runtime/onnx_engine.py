@@ -71,7 +71,7 @@ from adalog.runtime.fast import (
 )
 from adalog.runtime.integer import IntConv2d, load_integer_model
 
-__all__ = ["OrtModel", "build_onnx_graph", "load_onnx_model", "onnx_fp32_model"]
+__all__ = ["OrtModel", "build_onnx_graph", "load_onnx_model", "onnx_model"]
 
 OPSET = 17
 _MS = "com.microsoft"
@@ -121,6 +121,13 @@ class GraphBuilder:
         node = self.onnx.helper.make_node(op_type, list(inputs), [out], domain=domain, **attrs)
         self.nodes.append(node)
         return out
+
+    def split3(self, x: str, size: int) -> tuple[str, str, str]:
+        """Three equal slices of the last axis (q, k, v)."""
+        sizes = self.const(np.array([size] * 3, np.int64), "split")
+        names = [self._name("split") for _ in range(3)]
+        self.nodes.append(self.onnx.helper.make_node("Split", [x, sizes], names, axis=-1))
+        return names[0], names[1], names[2]
 
     def model(self, image: str, logits: str, image_size: tuple[int, int], classes: int):
         helper, tp = self.onnx.helper, self.onnx.TensorProto
@@ -259,8 +266,7 @@ def _fast_attention(g: GraphBuilder, attn: FastViTAttention, x: str, codes: bool
     qkv = g.op("Add", g.op("Round", qkv), g.const(attn.code_offset_qkv, "code_offset"))
     qkv = g.op("Max", qkv, g.const(attn.code_low, "low"))
     qkv = g.op("Min", qkv, g.const(attn.code_high, "high"))
-    sizes = g.const(np.array([c, c, c], np.int64), "split")
-    q, k, v = _split3(g, qkv, sizes)
+    q, k, v = g.split3(qkv, c)
     q = _heads(g, q, heads, dim, [0, 2, 1, 3])
     k_t = _heads(g, k, heads, dim, [0, 2, 3, 1])
     v = _heads(g, g.op("Mul", v, g.const(attn.v_factor, "v_factor")), heads, dim, [0, 2, 1, 3])
@@ -277,12 +283,6 @@ def _fast_attention(g: GraphBuilder, attn: FastViTAttention, x: str, codes: bool
     return _linear(g, proj, merged, codes=True)
 
 
-def _split3(g: GraphBuilder, x: str, sizes: str) -> tuple[str, str, str]:
-    names = [g._name("split") for _ in range(3)]
-    g.nodes.append(g.onnx.helper.make_node("Split", [x, sizes], names, axis=-1))
-    return names[0], names[1], names[2]
-
-
 def _int8_matmul(g: GraphBuilder, mm: FastMatMul, a: str, b: str, k: int) -> str:
     """A uniform x uniform :class:`FastMatMul`: ``s_a s_b·Σ (a_code - z_a)(b_code - z_b)`` as a
     float ``MatMul`` of integer-valued tensors, exact in float32 while ``K·2^(bits_a+bits_b) <
@@ -294,9 +294,10 @@ def _int8_matmul(g: GraphBuilder, mm: FastMatMul, a: str, b: str, k: int) -> str
     for t, scale, zero, bits in operands:
         half = 2 ** (bits - 1)
         codes = g.op("Round", g.op("Div", t, g.const(scale, "scale")))
-        codes = g.op("Add", codes, g.const(zero - half, "zero"))
+        zero_c = g.const(zero - half, "zero")
+        codes = g.op("Add", codes, zero_c)
         low, high = g.const(np.float32(-half), "low"), g.const(np.float32(half - 1), "high")
-        centred.append(g.op("Sub", g.op("Clip", codes, low, high), g.const(zero - half, "zero")))
+        centred.append(g.op("Sub", g.op("Clip", codes, low, high), zero_c))
     out = g.op("MatMul", centred[0], centred[1], hint="int_matmul")
     return g.op("Mul", out, g.const(mm.a_scale * mm.b_scale, "scales"))
 
@@ -307,7 +308,7 @@ def _attention(g: GraphBuilder, attn: nn.Module, x: str, tokens: int) -> str:
     heads, dim = attn.num_heads, attn.head_dim
     c = heads * dim
     qkv = _linear(g, attn.qkv, x)
-    q, k, v = _split3(g, qkv, g.const(np.array([c, c, c], np.int64), "split"))
+    q, k, v = g.split3(qkv, c)
     q = _heads(g, q, heads, dim, [0, 2, 1, 3])
     k_t, v = _heads(g, k, heads, dim, [0, 2, 3, 1]), _heads(g, v, heads, dim, [0, 2, 1, 3])
     scale = g.const(np.float32(attn.scale), "softmax_scale")
@@ -464,10 +465,10 @@ def load_onnx_model(
     art_dir: str | Path, expected_model: str | None = None, threads: int | None = None
 ) -> OrtModel:
     """Read and validate an artifact, build its fast-engine model and run it with ONNX Runtime."""
-    fast = load_integer_model(art_dir, "fast", expected_model)
-    return OrtModel(build_onnx_graph(fast), threads, source=fast)
+    return onnx_model(load_integer_model(art_dir, "fast", expected_model), threads)
 
 
-def onnx_fp32_model(model: nn.Module, threads: int | None = None) -> OrtModel:
-    """An FP32 timm ViT/DeiT through ONNX Runtime: the same-engine baseline of the onnx engine."""
+def onnx_model(model: nn.Module, threads: int | None = None) -> OrtModel:
+    """A fast-engine model, or an FP32 timm ViT/DeiT (the onnx engine's same-engine baseline),
+    through ONNX Runtime."""
     return OrtModel(build_onnx_graph(model.eval()), threads, source=model)
