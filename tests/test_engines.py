@@ -19,13 +19,17 @@ from adalog.quant import (
     LogQuantizer,
     UniformQuantizer,
     adalog_levels,
+    asym_fake_quant,
     log_fake_quant,
 )
 from adalog.search import naive
 from adalog.search.objectives import (
     GramOperandError,
     LogInputError,
+    input_self_error,
+    kept_capacity,
     log_exponent,
+    sum_of_squares,
 )
 from adalog.search.procedures import SearchSettings, calibrate_linear, calibrate_post_gelu_log
 
@@ -239,3 +243,59 @@ def test_matmul_operand_error_updates_parents_sparsely_and_exactly():
             atol=1e-3,
         )
         assert objective.counters == {"full": 12, "sparse": 54}, name
+
+
+@pytest.mark.parametrize("n_bits", [3, 4, 8])
+def test_input_self_error_from_sorted_prefix_sums_equals_the_fake_quantizer(n_bits):
+    """Per tensor and per channel, the sorted-prefix-sum form gives the elementwise
+    ``Σ (x − Q(x))²`` of :func:`asym_fake_quant`, including candidates that clamp most inputs
+    and zero points outside the code range."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 6, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.5, 2.0, 8.0])
+    x[:, 2] = x[:, 2].abs()  # a one-signed channel, like post-LayerNorm ones after the fold
+    n_cands = 7
+    scales = torch.rand(n_cands, 6, generator=g) * 0.4 + 1e-3
+    zps = torch.randint(-3, 2**n_bits + 3, (n_cands, 6), generator=g).float() + 0.4
+    score = input_self_error(x, n_bits)
+    x64 = x.double()
+
+    def elementwise(s: torch.Tensor, z: torch.Tensor, dims) -> torch.Tensor:
+        return (asym_fake_quant(x64, s.double(), z.double(), n_bits) - x64).square().sum(dims)
+
+    per_channel = torch.stack([elementwise(scales[k], zps[k], 0) for k in range(n_cands)])
+    torch.testing.assert_close(score(scales, zps), per_channel, rtol=1e-9, atol=1e-9)
+    per_tensor = torch.stack([elementwise(scales[k, 0], zps[k, 0], (0, 1)) for k in range(n_cands)])
+    torch.testing.assert_close(
+        score(scales[:, :1], zps[:, :1]), per_tensor[:, None], rtol=1e-9, atol=1e-9
+    )
+
+
+def test_sum_of_squares_is_float64_across_chunks():
+    values = torch.randn(3 * 1024 + 5, generator=torch.Generator().manual_seed(4)) * 1e3
+    want = values.square().double().sum()  # squares in the input's dtype, as documented
+    got = sum_of_squares(values.clone(), torch.empty(1024, dtype=torch.float64))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_sparse_scorers_keep_a_whole_beam_and_shrink_sparse_updates_for_large_products():
+    """A many-token layer still keeps one product per FPCS survivor (within ``max_memory``),
+    and allows sparse updates of a smaller share of its inputs once its product outgrows the
+    cache."""
+    assert kept_capacity(10**6, 32, memory=2**28, max_memory=2**31) == 268
+    assert kept_capacity(40 * 10**6, 32, memory=2**28, max_memory=2**31) == 32
+    assert kept_capacity(10**9, 32, memory=2**28, max_memory=2**31) == 2
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.gelu(torch.randn(400, 64, generator=g))
+    weight = torch.randn(24, 64, generator=g)
+    log_x = log_exponent(x, 0.17)
+    product_bytes = 4 * 400 * 24
+    roomy = LogInputError(log_x, x @ weight.T, weight, 0.17, memory=1)
+    assert roomy.capacity == 32 and roomy.max_changed == int(0.1 * x.numel())
+    tight = LogInputError(log_x, x @ weight.T, weight, 0.17, memory=1, max_memory=product_bytes * 3)
+    assert tight.capacity == 3
+    LogInputError.CACHE_BYTES, before = product_bytes // 4, LogInputError.CACHE_BYTES
+    try:
+        small = LogInputError(log_x, x @ weight.T, weight, 0.17)
+    finally:
+        LogInputError.CACHE_BYTES = before
+    assert small.max_changed == int(0.025 * x.numel())

@@ -26,6 +26,10 @@ from torch import Tensor
 
 from adalog.search.grids import coarse_spacing, dense_scale_grid
 
+#: Survivors per group of a uniform FPCS stage, and of the joint AdaLog stage (§5.4, §5.5).
+UNIFORM_BEAM = 16
+ADALOG_BEAM = 32
+
 UniformScore = Callable[[Tensor, Tensor], Tensor]
 BaseScore = Callable[[Tensor], Tensor]
 JointScore = Callable[[Tensor, Tensor], Tensor]
@@ -169,7 +173,7 @@ def fpcs_uniform(
     scales: Tensor,
     zero_points: Tensor,
     steps: int = 6,
-    beam: int = 16,
+    beam: int = UNIFORM_BEAM,
     scale_floor: float | None = None,
     trace: SearchTrace | None = None,
 ) -> UniformResult:
@@ -231,7 +235,7 @@ def fpcs_adalog(
     q_candidates: Tensor,
     base_num: int = 8,
     scale_num: int = 16,
-    beam: int = 32,
+    beam: int = ADALOG_BEAM,
     steps: int = 6,
     trace: SearchTrace | None = None,
 ) -> AdaLogResult:

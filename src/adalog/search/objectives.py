@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from adalog.quant import asym_fake_quant
+from adalog.search.fpcs import ADALOG_BEAM, UNIFORM_BEAM
 
 #: Floats one candidate chunk may allocate (about 8 MB). Small on purpose: a chunk that stays in
 #: the CPU's cache is scored several times faster than one that streams through DRAM.
@@ -40,6 +41,28 @@ LOG_FLOOR_EXPONENT = 49.82892142331043
 
 def chunk_size(per_candidate: int, budget: int | None = None) -> int:
     return max(1, (budget or MEMORY_BUDGET) // max(1, per_candidate))
+
+
+def kept_capacity(product_bytes: int, min_kept: int, memory: int, max_memory: int) -> int:
+    """How many scored candidates a sparse scorer keeps to seed the next FPCS stage: as many as
+    fit in ``memory``, and at least ``min_kept`` (the beam: every survivor) while those fit in
+    ``max_memory``. With fewer, most children of a many-token layer (Swin's first stage) find
+    no kept parent and fall back to full products."""
+    budget = max(memory, min(min_kept * product_bytes, max_memory))
+    return max(1, budget // product_bytes)
+
+
+def sum_of_squares(values: Tensor, buffer: Tensor) -> Tensor:
+    """``Σ v²`` of contiguous ``values``, squared in place in their dtype and summed in float64
+    through the float64 ``buffer``, a chunk at a time: ``sum(dtype=float64)`` of a float32
+    tensor converts element by element and is about 5x slower on large tensors."""
+    flat = values.view(-1)
+    total = torch.zeros((), dtype=torch.float64)
+    step = buffer.numel()
+    for start in range(0, flat.numel(), step):
+        part = flat[start : start + step].square_()
+        total += buffer[: part.numel()].copy_(part).sum()
+    return total
 
 
 def in_chunks(n: int, per_candidate: int, fn: Callable[[slice], Tensor]) -> Tensor:
@@ -108,18 +131,47 @@ def _weight_output_direct(
 
 def input_self_error(x: Tensor, n_bits: int) -> Callable[[Tensor, Tensor], Tensor]:
     """``Σ (x - x̂)²`` per group for candidates ``(K, G)``; G = 1 (per tensor) or G = channels
-    of the last dim (post-LN channel-wise stage, §3)."""
+    of the last dim (post-LN channel-wise stage, §3).
+
+    Scored from each group's sorted values, at a cost independent of the token count: a
+    candidate's code is a step function of x with steps at ``(k − z + ½)·s``, so with prefix sums
+    of the sorted group the error is ``Σx² − 2·Σ_c x̂_c·Σ_{code c} x + Σ_c n_c·x̂_c²`` (float64).
+    An input that sits on a step has the same error under either code, so locating the steps
+    with ``searchsorted`` gives the elementwise error up to float rounding.
+    """
     flat = x.reshape(-1, x.shape[-1])
+    n_levels = 2**n_bits
+    tables: dict[bool, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def sorted_tables(per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if per_channel not in tables:
+            groups = flat.T if per_channel else flat.reshape(1, -1)
+            values = torch.sort(groups, dim=1).values.contiguous()
+            prefix = torch.zeros(values.shape[0], values.shape[1] + 1, dtype=torch.float64)
+            torch.cumsum(values.double(), 1, out=prefix[:, 1:])
+            total = values.double().square().sum(1)
+            tables[per_channel] = values, prefix, total
+        return tables[per_channel]
 
     def score(scales: Tensor, zps: Tensor) -> Tensor:
-        per_channel = scales.shape[1] > 1
-
-        def part(sl: slice) -> Tensor:
-            s, z = scales[sl, None, :], zps[sl, None, :]
-            err = (asym_fake_quant(flat, s, z, n_bits) - flat).square_()
-            return err.sum(1) if per_channel else err.sum((1, 2))[:, None]
-
-        return in_chunks(scales.shape[0], flat.numel(), part)
+        values, prefix, total = sorted_tables(scales.shape[1] > 1)
+        groups, n_cands = values.shape[0], scales.shape[0]
+        s, zr = scales.double().T[..., None], torch.round(zps.double()).T[..., None]  # (G, K, 1)
+        steps = (torch.arange(n_levels - 1, dtype=torch.float64) + 0.5 - zr) * s
+        below = torch.searchsorted(values, steps.reshape(groups, -1).to(values.dtype))
+        ends = torch.cat(
+            [
+                torch.zeros(groups, n_cands, 1, dtype=below.dtype),
+                below.reshape(groups, n_cands, -1),
+                torch.full((groups, n_cands, 1), values.shape[1], dtype=below.dtype),
+            ],
+            -1,
+        )  # code c holds the sorted inputs ends[c] .. ends[c + 1]
+        sums = prefix.gather(1, ends.reshape(groups, -1)).reshape(ends.shape).diff(dim=-1)
+        counts = ends.diff(dim=-1).double()
+        levels = (torch.arange(n_levels, dtype=torch.float64) - zr) * s  # x̂ of each code
+        errors = total[:, None] - (levels * (2 * sums - levels * counts)).sum(-1)
+        return errors.T
 
     return score
 
@@ -189,17 +241,24 @@ def uniform_input_error(
         values = torch.arange(n_levels, dtype=torch.float64) - zr[:, None]
         return (segments * values).sum(1)
 
+    # reused work buffers: fresh multi-MB tensors per candidate cost page faults, not math
+    shifted = torch.empty_like(x_t)
+    codes_t = torch.empty(x_t.shape, dtype=torch.int8)
+    ones = torch.ones(min(rows_per_gemm, x_t.shape[1]), 8, dtype=torch.int8)
+
     def code_gram(scale: float, zr: float) -> Tensor:
         """``KᵀK`` of the centred codes ``K = K' + c`` from an int8 GEMM of ``K' = k - offset``:
-        ``KᵀK = K'ᵀK' + c(u1ᵀ + 1uᵀ) + c²T`` with ``u`` the column sums of ``K'``."""
-        shifted = (x_t / scale).round_().clamp_(-zr, n_levels - 1 - zr).add_(zr - offset)
-        codes_t = shifted.to(torch.int8)
+        ``KᵀK = K'ᵀK' + c(u1ᵀ + 1uᵀ) + c²T`` with ``u`` the column sums of ``K'``, which an
+        int8 GEMM against ones also gives exactly (a plain int8 → int64 sum is 20x slower)."""
+        torch.div(x_t, scale, out=shifted).round_().clamp_(-zr, n_levels - 1 - zr)
+        codes_t.copy_(shifted.add_(zr - offset))
         gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        sums = torch.zeros(x.shape[1], dtype=torch.float64)
         for start in range(0, codes_t.shape[1], rows_per_gemm):
             part = codes_t[:, start : start + rows_per_gemm].contiguous()
             gram += torch._int_mm(part, part.T).double()
+            sums += torch._int_mm(part, ones[: part.shape[1]])[:, 0].double()
         c = offset - zr
-        sums = codes_t.sum(1, dtype=torch.int64).double()
         return gram + c * (sums[:, None] + sums[None, :]) + c * c * codes_t.shape[1]
 
     def score(scales: Tensor, zps: Tensor) -> Tensor:
@@ -279,6 +338,12 @@ class LogInputError:
 
     #: Half-width of the exact search window around each approximate count.
     WINDOW = 64
+    #: Products up to this size take sparse updates of up to ``max_changed`` of the inputs. A
+    #: larger product no longer stays in cache, a sparse update's scattered row writes miss it,
+    #: and its break-even against a full product falls (measured on two cores: about 7 % of the
+    #: inputs for ViT-Tiny's fc2, a 4.8 MB product; under 2 % for a 38.5 MB one of Swin-Tiny's
+    #: first stage), so the allowed share shrinks in proportion to the product's size.
+    CACHE_BYTES = 2**23
 
     def __init__(
         self,
@@ -289,6 +354,7 @@ class LogInputError:
         max_changed: float = 0.1,
         memory: int = 2**28,
         token_weights: Tensor | None = None,
+        max_memory: int = 2**31,
     ) -> None:
         tokens, in_f = log_x.shape
         self.root_weights = None if token_weights is None else token_weights.sqrt()[:, None]
@@ -297,8 +363,10 @@ class LogInputError:
         self.rows, self.cols = order // in_f, order % in_f
         self.w_t = w_hat.T.contiguous()
         self.target = target + shift * w_hat.sum(1)
-        self.max_changed = int(max_changed * log_x.numel())
-        self.capacity = max(1, memory // (4 * tokens * w_hat.shape[0]))
+        product_bytes = 4 * tokens * w_hat.shape[0]
+        share = max_changed * min(1.0, self.CACHE_BYTES / product_bytes)
+        self.max_changed = int(share * log_x.numel())
+        self.capacity = kept_capacity(product_bytes, ADALOG_BEAM, memory, max_memory)
         self.kept: list[_Product] = []
         self.counters = {"full": 0, "sparse": 0}
         # reused work buffers: fresh multi-MB tensors per candidate cost page faults, not math
@@ -306,6 +374,7 @@ class LogInputError:
         self._codes = torch.empty(log_x.shape, dtype=torch.int32)
         self._inputs = torch.empty_like(log_x)
         self._residual = torch.empty_like(self.target)
+        self._square_buffer = torch.empty(2**16, dtype=torch.float64)
 
     def __call__(
         self, levels: Tensor, keys: list[int], scales: Tensor, log_scales: Tensor, ratios: Tensor
@@ -321,7 +390,7 @@ class LogInputError:
             residual = torch.mul(product, scales[k], out=self._residual).sub_(self.target)
             if self.root_weights is not None:
                 residual.mul_(self.root_weights)
-            error = residual.square_().sum(dtype=torch.float64)
+            error = sum_of_squares(residual, self._square_buffer)
             errors.append(error)
             entry = _Product(key, counts, product)
             best = _keep_best(best, (float(error), k, entry), self.capacity)
@@ -424,6 +493,7 @@ class GramOperandError:
         n_bits: int,
         max_changed: float = 0.01,
         memory: int = 2**28,
+        max_memory: int = 2**31,
     ) -> None:
         self.x = x.transpose(0, 1).contiguous()  # (G, B, R, d)
         self.gram = gram.transpose(0, 1).contiguous()
@@ -432,7 +502,8 @@ class GramOperandError:
         groups, _, self.rows_per_item, self.width = self.x.shape
         per_group = self.x[0].numel()
         self.max_changed = int(max_changed * per_group)
-        self.capacity = max(1, memory // (4 * per_group * groups))
+        product_bytes = 4 * per_group * groups
+        self.capacity = kept_capacity(product_bytes, UNIFORM_BEAM, memory, max_memory)
         descending = torch.sort(self.x.reshape(groups, -1), dim=1, descending=True)
         self.sorted_neg = (-descending.values).contiguous()  # ascending; codes never increase
         self.order = descending.indices
