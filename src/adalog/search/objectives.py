@@ -4,7 +4,7 @@ Every callback maps a batch of candidates to squared errors, lower is better. Co
 of the reference's reductions (per-image means over equal token counts) are dropped: they do
 not change which candidate wins. Candidates are scored in chunks sized to ``MEMORY_BUDGET``.
 
-Two algebraic shortcuts keep the reference objectives while avoiding a full layer recompute per
+Algebraic shortcuts keep the reference objectives while avoiding a full layer recompute per
 candidate (issue: fast calibration):
 
 * weight searches use the Gram form: with ``R = Y - b - X̂ Wᵀ`` fixed and ``Δ = W - Ŵ``, the
@@ -15,6 +15,8 @@ candidate (issue: fast calibration):
   ``Ŵ = diag(s_w)·K_w`` both integer-coded, ``‖X̂Ŵᵀ‖² = s²·⟨KᵀK, K_wᵀ diag(s_w²) K_w⟩``, where
   ``KᵀK`` is one int8 GEMM with exact int32 accumulation, and the linear term ``⟨X̂, (Y-b)Ŵ⟩``
   is read off float64 prefix sums over the sorted inputs (K is a step function of x);
+* input self-error searches read ``Σ(x − x̂)²`` off each group's sorted values and float64
+  prefix sums, at a cost independent of the token count;
 * FPCS refinement children sit close to a survivor of the previous stage, so most of their
   codes equal the survivor's: the post-GELU log input (:class:`LogInputError`) and the per-head
   matmul operands (:class:`GramOperandError`) update the survivor's product through the few
