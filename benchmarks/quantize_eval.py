@@ -13,6 +13,7 @@ import resource
 import time
 from pathlib import Path
 
+import torch
 from calibration_speed import seconds_by_kind
 from safetensors.torch import load_file
 
@@ -50,15 +51,24 @@ def main() -> None:
     parser.add_argument(
         "--search-workers", type=int, default=1, help="module searches run at once (default 1)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="calibrate and evaluate in this float dtype (float64: no float32 rounding, e.g. to "
+        "compare search engines)",
+    )
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
 
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     config = AdaLogConfig.preset(args.preset, seed=args.seed, **overrides)
-    model = create_model(args.model, weights=args.weights)
+    model = create_model(args.model, weights=args.weights).to(dtype)
     if args.calib_tensor:
         images = load_file(args.calib_tensor)["x"]
     else:
         images = load_calibration_images(model, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
+    images = images.to(dtype)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     workers = args.search_workers
@@ -69,7 +79,7 @@ def main() -> None:
     if args.save:
         save_quantized(model, args.save)
     loader = build_eval_loader(model, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
-    result = evaluate(model, loader, name=args.model)
+    result = evaluate(model, loader, name=args.model, dtype=dtype)
     row = result.to_json() | {
         "preset": args.preset,
         "config": config.to_dict(),
@@ -78,6 +88,7 @@ def main() -> None:
         "calib_source": args.calib_tensor or "calib32.txt",
         "seconds_by_kind": seconds_by_kind(timings),
         "search_workers": args.search_workers,
+        "dtype": args.dtype,
     }
     atomic_write_json(args.out, row)
     print(

@@ -542,6 +542,13 @@ def test_adalog_tables_follow_the_module_dtype_exactly(n_bits: int, q: int):
     assert torch.equal(double.t2, numerators.double() / d)
     assert not torch.equal(double.t2, (numerators.float() / d).double())  # float32 rounding gone
     assert torch.equal(double.float().t2, adalog_tables(torch.tensor(q), n_bits)[1])
+    double = double.double()
+    double.set_q(q + 1)  # a search setting q on a float64 model keeps float64 tables
+    t2 = adalog_lut_numerators(torch.tensor(q + 1), n_bits).double() / d
+    assert torch.equal(double.t2, t2)
+    levels = adalog_levels(q + 1, n_bits, dtype=torch.float64)
+    assert torch.equal(double.levels(), levels)
+    assert torch.equal(levels, t2 * torch.exp2(-double.t1.double()))
 
 
 def test_logsqrt2_table_form_is_exact_in_float64():

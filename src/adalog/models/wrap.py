@@ -70,7 +70,19 @@ def wrap_model(model: nn.Module, config: AdaLogConfig, calibrating: bool = True)
             quantized = QuantConv2d(module, config.w_bits, input_quant=None)
             _set_submodule(model, name, quantized)
             targets.append(Target(name, quantized, "conv"))
+    _match_parameters(model)
     return _execution_order(targets)
+
+
+def _match_parameters(model: nn.Module) -> None:
+    """Give the new quantizers the model's float dtype and device (they are built in float32
+    on the CPU): a float64 model then calibrates and runs in float64 throughout."""
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return
+    for module in model.modules():
+        if isinstance(module, QuantModule):
+            module.to(device=parameter.device, dtype=parameter.dtype)
 
 
 def _convert_attention(module: nn.Module, config: AdaLogConfig) -> None:

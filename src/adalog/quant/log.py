@@ -90,29 +90,35 @@ def adalog_lut_numerators(q: int | Tensor, n_bits: int, r: int = ADALOG_R) -> Te
     return _fraction_numerators(n_bits, r).to(iq.device)[iq % r]
 
 
-def adalog_tables(q: int | Tensor, n_bits: int, r: int = ADALOG_R) -> tuple[Tensor, Tensor]:
+def adalog_tables(
+    q: int | Tensor, n_bits: int, r: int = ADALOG_R, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """AdaLog dequantization tables (§1.6).
 
-    Returns ``T1[i] = floor(i·q/r)`` (int64, the bit shift) and ``T2[i]`` (float32, the fraction
-    in [0.5, 1] rounded to a multiple of 1/D), each of shape ``q.shape + (N,)``.
+    Returns ``T1[i] = floor(i·q/r)`` (int64, the bit shift) and ``T2[i]`` (the fraction in
+    [0.5, 1] rounded to a multiple of 1/D, then to ``dtype``: D = 2^(b+1) - 2 is not a power of
+    two, so a float64 T2 is not the float32 one widened), each of shape ``q.shape + (N,)``.
     """
     iq = _code_times_q(q, n_bits)
     t1 = torch.div(iq, r, rounding_mode="floor")
-    t2 = adalog_lut_numerators(q, n_bits, r).to(torch.float32) / adalog_denominator(n_bits)
+    t2 = adalog_lut_numerators(q, n_bits, r).to(dtype) / adalog_denominator(n_bits)
     return t1, t2
 
 
 def tables_to_levels(t1: Tensor, t2: Tensor) -> Tensor:
-    """Per-code multipliers ``2^(-T1)·T2`` (float32); the table-form value is ``s`` times these."""
-    return t2 * torch.exp2(-t1.to(torch.float32))
+    """Per-code multipliers ``2^(-T1)·T2`` in T2's dtype (the table-form value is ``s`` times
+    these)."""
+    return t2 * torch.exp2(-t1.to(t2.dtype))
 
 
-def adalog_levels(q: int | Tensor, n_bits: int, r: int = ADALOG_R) -> Tensor:
-    """Per-code multipliers ``2^(-T1[i])·T2[i]`` of shape ``q.shape + (N,)`` (float32).
+def adalog_levels(
+    q: int | Tensor, n_bits: int, r: int = ADALOG_R, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Per-code multipliers ``2^(-T1[i])·T2[i]`` of shape ``q.shape + (N,)`` in ``dtype``.
 
     This is what calibration searches gather from (§1.6, §5.5, §5.6).
     """
-    return tables_to_levels(*adalog_tables(q, n_bits, r))
+    return tables_to_levels(*adalog_tables(q, n_bits, r, dtype))
 
 
 def _check_kind(kind: str) -> None:
@@ -213,16 +219,17 @@ def adalog_dequant_table(
     return _mask(valid, scale * _gather_levels(levels, codes))
 
 
-def _levels_for(q: int | Tensor, n_bits: int, device: torch.device) -> Tensor:
-    """Levels for a scalar q or for candidates varying along the leading dimension."""
-    q = torch.as_tensor(q, dtype=torch.int64, device=device)
+def _levels_for(q: int | Tensor, n_bits: int, like: Tensor) -> Tensor:
+    """Levels (in ``like``'s dtype) for a scalar q or for candidates varying along the leading
+    dimension."""
+    q = torch.as_tensor(q, dtype=torch.int64, device=like.device)
     if q.numel() == 1:
-        return adalog_levels(q.reshape(()), n_bits)
+        return adalog_levels(q.reshape(()), n_bits, dtype=like.dtype)
     if q.shape[0] != q.numel():
         raise ValueError(
             f"candidate q values must vary along the leading dimension only, got {tuple(q.shape)}"
         )
-    return adalog_levels(q.reshape(-1), n_bits)
+    return adalog_levels(q.reshape(-1), n_bits, dtype=like.dtype)
 
 
 def log_dequant(
@@ -249,7 +256,7 @@ def log_dequant(
     if form == "exact":
         return adalog_dequant_exact(codes, valid, scale, _require_q(q))
     if levels is None:
-        levels = _levels_for(_require_q(q), n_bits, codes.device)
+        levels = _levels_for(_require_q(q), n_bits, codes)
     return adalog_dequant_table(codes, valid, scale, levels)
 
 

@@ -21,8 +21,6 @@ from torch import Tensor, nn
 from adalog.quant.log import (
     LOG_KINDS,
     Q_INIT,
-    adalog_denominator,
-    adalog_lut_numerators,
     adalog_tables,
     log_codes,
     log_dequant,
@@ -221,15 +219,13 @@ class LogQuantizer(_Quantizer):
         if self.is_identity:
             self.t1, self.t2 = self.t1[:0], self.t2[:0]
             return
-        self.t1, self.t2 = adalog_tables(self.q, self.n_bits)
+        self.t1, self.t2 = adalog_tables(self.q, self.n_bits, dtype=self.scale.dtype)
 
     def _apply(self, fn, recurse: bool = True):
         """After ``.to()``/``.double()``/…: T2 = (D·T2)/D rounded once in its new dtype (a cast
         of the float32 T2 to float64 would carry float32's rounding into a float64 model)."""
         super()._apply(fn, recurse)
-        if self.kind == "adalog" and self.t2.numel() and self.t2.is_floating_point():
-            numerators = adalog_lut_numerators(self.q.cpu(), self.n_bits).to(self.t2.dtype)
-            self.t2 = (numerators / adalog_denominator(self.n_bits)).to(self.t2.device)
+        self.update_tables()
         return self
 
     def set_q(self, q: int | Tensor) -> None:

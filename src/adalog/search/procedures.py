@@ -271,7 +271,7 @@ class _LogInputScorer:
         self.error = LogInputError(log_x, target, w_hat, shift, token_weights=token_weights)
 
     def adalog(self, scales: Tensor, qs: Tensor) -> Tensor:
-        levels = adalog_levels(qs.long(), self.n_bits)
+        levels = adalog_levels(qs.long(), self.n_bits, dtype=scales.dtype)
         ratios = ADALOG_R / qs.to(scales.dtype)
         return self.error(levels, qs.tolist(), scales, torch.log2(scales), ratios)
 
@@ -426,7 +426,8 @@ class _AvBaseError:
         torch.mul(self.exponent, ratio, out=self._scaled).round_()
         codes = self._codes.copy_(self._scaled).view(-1)
         max_code = int(LOG_FLOOR_EXPONENT * ADALOG_R / q) + 1
-        lut = log_lut(adalog_levels(q, self.n_bits), torch.tensor(1.0), 0.0, max_code)
+        levels = adalog_levels(q, self.n_bits, dtype=self._values.dtype)
+        lut = log_lut(levels, torch.ones((), dtype=levels.dtype), 0.0, max_code)
         torch.index_select(lut, 0, codes, out=self._values.view(-1))
         return (self._values @ v_hat - self.target).square_().sum()
 
