@@ -11,6 +11,11 @@ and 1 ± 1e-7 and in float64 (weights snapped onto their float32 grid), and the 
 every top-1, their mean, the mean KL divergence from the FP model and the share of images on
 which the two models agree.
 
+``--progress`` compares a checkpoint with the calibration progress folder of a run still under
+way (``--resume``): only the blocks that run has finished, and with the checkpoint's post-GELU
+fold (§4) undone, since progress is saved before it; the checkpoint is loaded in the progress
+state's float dtype, so a float64 calibration is compared in float64.
+
 Example (issue 5: the fast engine against the straightforward one):
     python benchmarks/compare_checkpoints.py runs/w4a4_refcalib runs/w4a4_refcalib_naive \
         --eval --out benchmarks/logs/compare_fast_naive_w4a4.json
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -29,7 +35,12 @@ from torch import Tensor, nn
 from adalog.io import atomic_write_json
 from adalog.models import read_state_dict
 from adalog.models.qmodules import set_quant_mode, snap_weights_to_grid
-from adalog.pipelines.checkpoint import WEIGHTS_FILE, load_quantized
+from adalog.pipelines.checkpoint import (
+    PROGRESS_META,
+    WEIGHTS_FILE,
+    load_quantized,
+    read_progress_state,
+)
 from adalog.pipelines.evaluate import build_eval_loader
 from adalog.pipelines.reconstruct import unfold_post_gelu_shift
 
@@ -56,6 +67,26 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
                 "max_relative": float(diff.max() / scale),
             }
     return {"tensors": len(a), "identical": len(a) - len(differing), "differing": differing}
+
+
+def against_progress(checkpoint: str, progress: str) -> tuple[dict, dict, list[str]]:
+    """The checkpoint's state with §4's fold undone and the progress state, both restricted to
+    the blocks the progress run has finished (also returned)."""
+    done = json.loads((Path(progress) / PROGRESS_META).read_text(encoding="utf-8"))["done_blocks"]
+    second = read_progress_state(progress)
+    dtype = next(v.dtype for v in second.values() if v.is_floating_point())
+    model = load_quantized(checkpoint, dtype=dtype)
+    unfold_post_gelu_shift(model)
+    first = model.state_dict()
+
+    def finished(key: str) -> bool:
+        return any(key.startswith(block + ".") for block in done)
+
+    return (
+        {k: v for k, v in first.items() if finished(k)},
+        {k: v for k, v in second.items() if finished(k)},
+        done,
+    )
 
 
 def dev_rest_logits(model: nn.Module, loader, dtype: torch.dtype, scale: float = 1.0):
@@ -116,10 +147,19 @@ def main() -> None:
     parser.add_argument("first", help="quantized checkpoint folder")
     parser.add_argument("second", help="quantized checkpoint folder")
     parser.add_argument("--eval", action="store_true", help="also score both on dev-rest")
+    parser.add_argument(
+        "--progress", action="store_true", help="second is a calibration progress folder"
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    states = [read_state_dict(Path(d) / WEIGHTS_FILE) for d in (args.first, args.second)]
-    result = {"first": args.first, "second": args.second} | compare(*states)
+    if args.progress and args.eval:
+        raise SystemExit("--eval needs two finished checkpoints, not a progress folder")
+    result = {"first": args.first, "second": args.second}
+    if args.progress:
+        *states, result["blocks"] = against_progress(args.first, args.second)
+    else:
+        states = [read_state_dict(Path(d) / WEIGHTS_FILE) for d in (args.first, args.second)]
+    result |= compare(*states)
     if args.eval:
         result["eval"] = evaluate_pair(args.first, args.second)
     atomic_write_json(args.out, result)

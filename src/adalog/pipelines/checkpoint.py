@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -56,9 +57,12 @@ def read_meta(qdir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_quantized(qdir: str | Path, expected_model: str | None = None) -> nn.Module:
+def load_quantized(
+    qdir: str | Path, expected_model: str | None = None, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """Rebuild the quantized model of ``qdir`` in quant mode; ``expected_model`` guards
-    against evaluating a checkpoint made for another architecture."""
+    against evaluating a checkpoint made for another architecture. ``dtype`` float64 keeps a
+    float64 calibration's parameters exact (loading into float32 would round them)."""
     meta = read_meta(qdir)
     if expected_model is not None and expected_model.split(".")[0] != meta["model"].split(".")[0]:
         raise ConfigError(
@@ -66,7 +70,7 @@ def load_quantized(qdir: str | Path, expected_model: str | None = None) -> nn.Mo
         )
     config = AdaLogConfig.from_dict(meta["config"])
     model = create_model(meta["model"], pretrained=False, **meta.get("model_kwargs", {}))
-    wrap_model(model, config, calibrating=False)
+    wrap_model(model.to(dtype), config, calibrating=False)
     model.eval()
     state = read_state_dict(Path(qdir) / WEIGHTS_FILE)
     ensure_fold_biases(model, state)
