@@ -223,8 +223,7 @@ def test_random_deit_and_swin_quantize_save_load(tmp_path: Path, name, kwargs, s
 
 def test_float64_calibration_saves_and_loads_in_float64(tmp_path: Path):
     """A float64 model calibrates in float64 (quantizers and AdaLog tables included) and loads
-    back bit for bit with ``dtype=torch.float64``; loaded as float32 its logits agree to float32
-    rounding."""
+    back in float64, bit for bit; loaded as float32 its logits agree to float32 rounding."""
     model, images = _model("vit_tiny_patch16_224", VIT_KW).double(), _images().double()
     adalog.quantize(model, images, SMALL, progress=False, model_kwargs=VIT_KW)
     floats = [t for t in model.state_dict().values() if t.is_floating_point()]
@@ -232,12 +231,12 @@ def test_float64_calibration_saves_and_loads_in_float64(tmp_path: Path):
     with torch.no_grad():
         before = model(images)
     adalog.save_quantized(model, tmp_path / "q")
-    loaded = adalog.load_quantized(tmp_path / "q", dtype=torch.float64)
+    loaded = adalog.load_quantized(tmp_path / "q")  # in the dtype it was saved in
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     with torch.no_grad():
         assert torch.equal(loaded(images), before)
-        as_float32 = adalog.load_quantized(tmp_path / "q")(images.float())
+        as_float32 = adalog.load_quantized(tmp_path / "q", dtype=torch.float32)(images.float())
     assert _relative(as_float32.double(), before) < 1e-3
 
 

@@ -38,8 +38,10 @@ def save_quantized(model: nn.Module, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-    atomic_write_json(out_dir / META_FILE, meta | {"format_version": FORMAT_VERSION})
+    meta = meta | {"dtype": str(dtype).removeprefix("torch."), "format_version": FORMAT_VERSION}
+    atomic_write_json(out_dir / META_FILE, meta)
     return out_dir
 
 
@@ -58,12 +60,14 @@ def read_meta(qdir: str | Path) -> dict[str, Any]:
 
 
 def load_quantized(
-    qdir: str | Path, expected_model: str | None = None, dtype: torch.dtype = torch.float32
+    qdir: str | Path, expected_model: str | None = None, dtype: torch.dtype | None = None
 ) -> nn.Module:
     """Rebuild the quantized model of ``qdir`` in quant mode; ``expected_model`` guards
-    against evaluating a checkpoint made for another architecture. ``dtype`` float64 keeps a
-    float64 calibration's parameters exact (loading into float32 would round them)."""
+    against evaluating a checkpoint made for another architecture. ``dtype`` defaults to the
+    one the model was saved in (float32 for checkpoints that do not record it), so a float64
+    calibration loads exactly."""
     meta = read_meta(qdir)
+    dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
     if expected_model is not None and expected_model.split(".")[0] != meta["model"].split(".")[0]:
         raise ConfigError(
             f"checkpoint {qdir} was made for model '{meta['model']}', not '{expected_model}'"

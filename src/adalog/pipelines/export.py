@@ -137,7 +137,7 @@ def build_artifact(model: nn.Module) -> Artifact:
 
 def export_artifact(qdir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """``adalog export``: write the artifact of checkpoint ``qdir``; return its meta."""
-    artifact = build_artifact(load_quantized(qdir))
+    artifact = build_artifact(load_quantized(qdir, dtype=torch.float32))  # float32 scales
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = atomic_write(out_dir / TENSORS_FILE, lambda tmp: save_file(artifact.tensors, str(tmp)))
