@@ -232,8 +232,9 @@ def test_float64_calibration_saves_and_loads_in_float64(tmp_path: Path):
         before = model(images)
     adalog.save_quantized(model, tmp_path / "q")
     loaded = adalog.load_quantized(tmp_path / "q")  # in the dtype it was saved in
+    loaded_state = loaded.state_dict()
     for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+        assert torch.equal(loaded_state[key], value), key
     with torch.no_grad():
         assert torch.equal(loaded(images), before)
         as_float32 = adalog.load_quantized(tmp_path / "q", dtype=torch.float32)(images.float())
