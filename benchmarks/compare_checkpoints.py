@@ -72,7 +72,10 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
 def against_progress(checkpoint: str, progress: str) -> tuple[dict, dict, list[str]]:
     """The checkpoint's state with §4's fold undone and the progress state, both restricted to
     the blocks the progress run has finished (also returned)."""
-    done = json.loads((Path(progress) / PROGRESS_META).read_text(encoding="utf-8"))["done_blocks"]
+    meta_path = Path(progress) / PROGRESS_META
+    if not meta_path.is_file():
+        raise SystemExit(f"{progress} is not a calibration progress folder (no {PROGRESS_META})")
+    done = json.loads(meta_path.read_text(encoding="utf-8"))["done_blocks"]
     second = read_progress_state(progress)
     dtype = next(v.dtype for v in second.values() if v.is_floating_point())
     model = load_quantized(checkpoint, dtype=dtype)

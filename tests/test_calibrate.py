@@ -241,6 +241,17 @@ def test_float64_calibration_saves_and_loads_in_float64(tmp_path: Path):
     assert _relative(as_float32.double(), before) < 1e-3
 
 
+def test_checkpoint_with_an_unknown_dtype_is_refused(tmp_path: Path):
+    model = _model("vit_tiny_patch16_224", VIT_KW)
+    adalog.quantize(model, _images(), SMALL, progress=False, model_kwargs=VIT_KW)
+    adalog.save_quantized(model, tmp_path / "q")
+    meta_path = tmp_path / "q" / "adalog.json"
+    assert json.loads(meta_path.read_text())["dtype"] == "float32"
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"dtype": "int8"}))
+    with pytest.raises(ConfigError, match="unknown float dtype 'int8'"):
+        adalog.load_quantized(tmp_path / "q")
+
+
 def test_checkpoint_for_other_model_or_config_is_refused(tmp_path: Path):
     model = _model("vit_tiny_patch16_224", VIT_KW)
     adalog.quantize(model, _images(), SMALL, progress=False, model_kwargs=VIT_KW)

@@ -67,7 +67,7 @@ def load_quantized(
     one the model was saved in (float32 for checkpoints that do not record it), so a float64
     calibration loads exactly."""
     meta = read_meta(qdir)
-    dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
+    dtype = dtype or _saved_dtype(meta, qdir)
     if expected_model is not None and expected_model.split(".")[0] != meta["model"].split(".")[0]:
         raise ConfigError(
             f"checkpoint {qdir} was made for model '{meta['model']}', not '{expected_model}'"
@@ -85,6 +85,14 @@ def load_quantized(
     model.adalog_meta = meta
     set_quant_mode(model, True)
     return model.eval()
+
+
+def _saved_dtype(meta: dict[str, Any], qdir: str | Path) -> torch.dtype:
+    """The float dtype a checkpoint was saved in (float32 when it does not record one)."""
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"checkpoint {qdir} records an unknown float dtype {meta['dtype']!r}")
+    return dtype
 
 
 def ensure_fold_biases(model: nn.Module, state: dict) -> None:
