@@ -25,21 +25,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
 from gptq_layers import score_logits
 from torch import Tensor, nn
 
+from adalog.errors import ConfigError
 from adalog.io import atomic_write_json
 from adalog.models import read_state_dict
 from adalog.models.qmodules import set_quant_mode, snap_weights_to_grid
 from adalog.pipelines.checkpoint import (
-    PROGRESS_META,
     WEIGHTS_FILE,
     load_quantized,
+    read_progress_meta,
     read_progress_state,
+    state_dtype,
 )
 from adalog.pipelines.evaluate import build_eval_loader
 from adalog.pipelines.reconstruct import unfold_post_gelu_shift
@@ -72,13 +73,12 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
 def against_progress(checkpoint: str, progress: str) -> tuple[dict, dict, list[str]]:
     """The checkpoint's state with §4's fold undone and the progress state, both restricted to
     the blocks the progress run has finished (also returned)."""
-    meta_path = Path(progress) / PROGRESS_META
-    if not meta_path.is_file():
-        raise SystemExit(f"{progress} is not a calibration progress folder (no {PROGRESS_META})")
-    done = json.loads(meta_path.read_text(encoding="utf-8"))["done_blocks"]
+    try:
+        done = read_progress_meta(progress)["done_blocks"]
+    except ConfigError as exc:
+        raise SystemExit(f"{progress} is not a calibration progress folder: {exc}") from exc
     second = read_progress_state(progress)
-    dtype = next(v.dtype for v in second.values() if v.is_floating_point())
-    model = load_quantized(checkpoint, dtype=dtype)
+    model = load_quantized(checkpoint, dtype=state_dtype(second))
     unfold_post_gelu_shift(model)
     first = model.state_dict()
 

@@ -38,7 +38,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    dtype = state_dtype(state)
     atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     meta = meta | {"dtype": str(dtype).removeprefix("torch."), "format_version": FORMAT_VERSION}
     atomic_write_json(out_dir / META_FILE, meta)
@@ -131,10 +131,7 @@ def load_progress(
     meta_path = Path(directory) / PROGRESS_META
     if not meta_path.exists():
         return []
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{meta_path}: unreadable progress ({exc})") from exc
+    meta = read_progress_meta(directory)
     for key, config_type in (("config", AdaLogConfig), ("reconstruct", ReconstructConfig)):
         if isinstance(meta.get(key), dict):  # fields added to the config since: defaults
             try:
@@ -165,6 +162,20 @@ def tensor_digest(tensors: list[Tensor]) -> str:
     return digest.hexdigest()
 
 
+def read_progress_meta(directory: str | Path) -> dict[str, Any]:
+    """The JSON record :func:`save_progress` wrote (``done_blocks``, fingerprint, record)."""
+    meta_path = Path(directory) / PROGRESS_META
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{meta_path}: unreadable progress ({exc})") from exc
+
+
+def state_dtype(state: dict[str, Tensor]) -> torch.dtype:
+    """The float dtype of a model state (float32 if it holds no float tensor)."""
+    return next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+
+
 def read_progress_state(directory: str | Path) -> dict:
     """The model state saved by :func:`save_progress` (pre-fold: §4's shift not yet in the
     bias)."""
@@ -178,8 +189,7 @@ def read_progress_extras(directory: str | Path) -> tuple[dict[str, Tensor], dict
     directory = Path(directory)
     state = read_state_dict(directory / PROGRESS_WEIGHTS)
     extras = {k[len(EXTRAS_PREFIX) :]: v for k, v in state.items() if k.startswith(EXTRAS_PREFIX)}
-    meta = json.loads((directory / PROGRESS_META).read_text(encoding="utf-8"))
-    return extras, meta.get("record", {})
+    return extras, read_progress_meta(directory).get("record", {})
 
 
 def _adopt_shapes(model: nn.Module, state: dict) -> None:
