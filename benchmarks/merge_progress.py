@@ -1,0 +1,108 @@
+"""Merge the calibration progress of two resumable runs (``--resume``) of the same model, config
+and images, block by block, so that two processes can calibrate different blocks at once.
+
+Every module is calibrated on FP captures (ALGORITHM.md §10.19), so block k's search sees only
+the FP network in front of it: the folded weights, biases and LayerNorms of blocks < k, not
+their quantizer parameters. Process A calibrates blocks 4-7; process B redoes them with a
+faster engine, then calibrates blocks 8+. If A's and B's FP tensors of blocks 4-7 are bit-identical,
+B's later blocks saw exactly the captures a single run would have, and taking A's blocks 4-7 into
+B's state gives exactly the single run's result. The script checks that condition and refuses
+to merge otherwise; it also counts the quantizer tensors in which the two runs differ.
+
+Example (session 19, the split float64 run of the naive engine, issue 5):
+    python benchmarks/merge_progress.py runs/naive_f64_progress_b runs/naive_f64_progress \
+        --blocks blocks.4 blocks.5 blocks.6 blocks.7 --out runs/naive_f64_progress_merged
+The merged folder resumes with the same command as either run (nothing left to calibrate: it
+saves and evaluates).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from adalog.io import atomic_write, atomic_write_json
+from adalog.models import read_state_dict
+from adalog.pipelines.checkpoint import (
+    PROGRESS_META,
+    PROGRESS_WEIGHTS,
+    read_progress_meta,
+)
+
+RUN_KEYS = ("done_blocks", "record")
+
+
+def is_quantizer_tensor(key: str) -> bool:
+    """Quantizer parameters (``*_quant.*``) do not enter the FP forward pass."""
+    return any(part.endswith("_quant") for part in key.split("."))
+
+
+def in_blocks(key: str, blocks: list[str]) -> bool:
+    return any(key.startswith(block + ".") for block in blocks)
+
+
+def merge(base_dir: Path, other_dir: Path, blocks: list[str]) -> tuple[dict, dict, dict]:
+    """``base``'s progress with ``other``'s tensors for ``blocks``; returns the merged state, the
+    merged meta and a report of the taken blocks' differences."""
+    base_meta, other_meta = read_progress_meta(base_dir), read_progress_meta(other_dir)
+    differing = sorted(
+        k for k in set(base_meta) | set(other_meta)
+        if k not in RUN_KEYS and base_meta.get(k) != other_meta.get(k)
+    )  # fmt: skip
+    if differing:
+        raise SystemExit(f"the runs differ in {differing}: not the same calibration")
+    missing = [b for b in blocks if b not in other_meta["done_blocks"]]
+    if missing:
+        raise SystemExit(f"{other_dir} has not finished {missing}")
+    base = read_state_dict(base_dir / PROGRESS_WEIGHTS)
+    other = read_state_dict(other_dir / PROGRESS_WEIGHTS)
+    taken = sorted(k for k in other if in_blocks(k, blocks))
+    if not taken or any(k not in base for k in taken):
+        raise SystemExit(f"the two states do not hold the same tensors for {blocks}")
+    fp_differing = [
+        k for k in taken if not is_quantizer_tensor(k) and not torch.equal(base[k], other[k])
+    ]
+    if fp_differing:
+        raise SystemExit(
+            f"FP tensors differ in the taken blocks ({fp_differing[:5]}): the base run's later "
+            "blocks saw other captures than a single run would have; not merging"
+        )
+    quant_differing = [
+        k for k in taken if is_quantizer_tensor(k) and not torch.equal(base[k], other[k])
+    ]
+    merged = base | {k: other[k] for k in taken}
+    done = list(dict.fromkeys(base_meta["done_blocks"] + blocks))
+    report = {
+        "taken_blocks": blocks,
+        "taken_tensors": len(taken),
+        "fp_tensors_identical": sum(not is_quantizer_tensor(k) for k in taken),
+        "quantizer_tensors_differing": quant_differing,
+    }
+    return merged, base_meta | {"done_blocks": done}, report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", type=Path, help="progress folder kept for every other block")
+    parser.add_argument("other", type=Path, help="progress folder the --blocks come from")
+    parser.add_argument("--blocks", nargs="+", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="new progress folder")
+    args = parser.parse_args()
+    state, meta, report = merge(args.base, args.other, args.blocks)
+    args.out.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.contiguous() for k, v in state.items()}
+    atomic_write(args.out / PROGRESS_WEIGHTS, lambda tmp: save_file(contiguous, str(tmp)))
+    atomic_write_json(args.out / PROGRESS_META, meta)
+    atomic_write_json(args.out / "merge_report.json", report)
+    print(
+        f"{args.out}: {len(meta['done_blocks'])} units done; {report['taken_tensors']} tensors of "
+        f"{', '.join(args.blocks)} from {args.other} (FP tensors bit-identical in both runs; "
+        f"{len(report['quantizer_tensors_differing'])} quantizer tensors differ)"
+    )
+
+
+if __name__ == "__main__":
+    main()
