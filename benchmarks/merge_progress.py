@@ -7,7 +7,8 @@ their quantizer parameters. Process A calibrates blocks 4-7; process B redoes th
 faster engine, then calibrates blocks 8+. If A's and B's FP tensors of blocks 4-7 are bit-identical,
 B's later blocks saw exactly the captures a single run would have, and taking A's blocks 4-7 into
 B's state gives exactly the single run's result. The script checks that condition and refuses
-to merge otherwise; it also counts the quantizer tensors in which the two runs differ.
+to merge otherwise, and reports (``merge_report.json``) the quantizer tensors in which the two
+runs differ there.
 
 Example (session 19, the split float64 run of the naive engine, issue 5):
     python benchmarks/merge_progress.py runs/naive_f64_progress_b runs/naive_f64_progress \
@@ -22,6 +23,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from compare_checkpoints import compare
 from safetensors.torch import save_file
 
 from adalog.io import atomic_write, atomic_write_json
@@ -70,17 +72,11 @@ def merge(base_dir: Path, other_dir: Path, blocks: list[str]) -> tuple[dict, dic
             f"FP tensors differ in the taken blocks ({fp_differing[:5]}): the base run's later "
             "blocks saw other captures than a single run would have; not merging"
         )
-    quant_differing = [
-        k for k in taken if is_quantizer_tensor(k) and not torch.equal(base[k], other[k])
-    ]
     merged = base | {k: other[k] for k in taken}
     done = list(dict.fromkeys(base_meta["done_blocks"] + blocks))
-    report = {
-        "taken_blocks": blocks,
-        "taken_tensors": len(taken),
-        "fp_tensors_identical": sum(not is_quantizer_tensor(k) for k in taken),
-        "quantizer_tensors_differing": quant_differing,
-    }
+    report = {"taken_blocks": blocks} | compare(
+        {k: base[k] for k in taken}, {k: other[k] for k in taken}
+    )
     return merged, base_meta | {"done_blocks": done}, report
 
 
@@ -98,9 +94,9 @@ def main() -> None:
     atomic_write_json(args.out / PROGRESS_META, meta)
     atomic_write_json(args.out / "merge_report.json", report)
     print(
-        f"{args.out}: {len(meta['done_blocks'])} units done; {report['taken_tensors']} tensors of "
+        f"{args.out}: {len(meta['done_blocks'])} units done; {report['tensors']} tensors of "
         f"{', '.join(args.blocks)} from {args.other} (FP tensors bit-identical in both runs; "
-        f"{len(report['quantizer_tensors_differing'])} quantizer tensors differ)"
+        f"{len(report['differing'])} quantizer tensors differ, see merge_report.json)"
     )
 
 
