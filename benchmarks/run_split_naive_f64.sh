@@ -8,7 +8,9 @@
 #      calibrates blocks 8-11 and the head.
 # Then benchmarks/merge_progress.py takes A's blocks 4-7 into B's progress (refused unless their
 # FP tensors are bit-identical, i.e. B's naive blocks saw the captures a single run would have),
-# and a last resume of the merged progress saves and evaluates the single run's model.
+# and a last resume of the merged progress (two threads) saves and evaluates the single run's model.
+# Session 19: one thread per process took 34-41 min per naive block, as long as one process on
+# two threads (sessions 17-18), so the split halves the wall time.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,7 +18,7 @@ A=runs/naive_f64_progress B=runs/naive_f64_progress_b M=runs/naive_f64_progress_
 LOGS=benchmarks/logs
 TAG=${TAG:-s19}
 run() {  # progress dir, engine, save dir, out json, log (the engine is part of the fingerprint)
-  OMP_NUM_THREADS=1 $PY benchmarks/quantize_eval.py --preset w4a4 --dtype float64 \
+  OMP_NUM_THREADS=${THREADS:-1} $PY benchmarks/quantize_eval.py --preset w4a4 --dtype float64 \
     --calib-tensor ../shared/data/imagenet-sample/reference_calib32_vit_tiny.safetensors \
     --set "search_engine=\"$2\"" --resume "$1" --save "$3" --out "$4" > "$5" 2>&1
 }
@@ -46,9 +48,12 @@ if ! done_with "$B" blocks.7; then
   stop_after "$B" blocks.7; wait $!
 fi
 set_engine "$B" naive
-done_with "$B" head || run "$B" naive /tmp/split_b_model /tmp/split_b_model.json \
-  "$LOGS/vit_tiny_w4a4_refcalib_f64_split_b_naive_$TAG.log"
+if ! done_with "$B" head; then  # B's own model (fast blocks 4-7) is not evaluated
+  run "$B" naive /tmp/split_b_unused /tmp/split_b_unused.json \
+    "$LOGS/vit_tiny_w4a4_refcalib_f64_split_b_naive_$TAG.log" &
+  stop_after "$B" head
+fi
 wait
 $PY benchmarks/merge_progress.py "$B" "$A" --blocks blocks.4 blocks.5 blocks.6 blocks.7 --out "$M" \
-  && run "$M" naive runs/w4a4_refcalib_f64_naive "$LOGS/vit_tiny_w4a4_refcalib_f64_naive.json" \
+  && THREADS=2 run "$M" naive runs/w4a4_refcalib_f64_naive "$LOGS/vit_tiny_w4a4_refcalib_f64_naive.json" \
     "$LOGS/vit_tiny_w4a4_refcalib_f64_naive_merged.log"
