@@ -70,6 +70,11 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     return {"tensors": len(a), "identical": len(a) - len(differing), "differing": differing}
 
 
+def in_blocks(key: str, blocks: list[str]) -> bool:
+    """Whether a state key belongs to one of ``blocks`` (``blocks.3``, ``head``, ...)."""
+    return any(key.startswith(block + ".") for block in blocks)
+
+
 def against_progress(checkpoint: str, progress: str) -> tuple[dict, dict, list[str]]:
     """The checkpoint's state with §4's fold undone and the progress state, both restricted to
     the blocks the progress run has finished (also returned)."""
@@ -82,12 +87,9 @@ def against_progress(checkpoint: str, progress: str) -> tuple[dict, dict, list[s
     unfold_post_gelu_shift(model)
     first = model.state_dict()
 
-    def finished(key: str) -> bool:
-        return any(key.startswith(block + ".") for block in done)
-
     return (
-        {k: v for k, v in first.items() if finished(k)},
-        {k: v for k, v in second.items() if finished(k)},
+        {k: v for k, v in first.items() if in_blocks(k, done)},
+        {k: v for k, v in second.items() if in_blocks(k, done)},
         done,
     )
 

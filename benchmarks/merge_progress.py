@@ -23,9 +23,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from compare_checkpoints import compare
+from compare_checkpoints import compare, in_blocks
 from safetensors.torch import save_file
 
+from adalog.errors import AdalogError
 from adalog.io import atomic_write, atomic_write_json
 from adalog.models import read_state_dict
 from adalog.pipelines.checkpoint import (
@@ -40,10 +41,6 @@ RUN_KEYS = ("done_blocks", "record")
 def is_quantizer_tensor(key: str) -> bool:
     """Quantizer parameters (``*_quant.*``) do not enter the FP forward pass."""
     return any(part.endswith("_quant") for part in key.split("."))
-
-
-def in_blocks(key: str, blocks: list[str]) -> bool:
-    return any(key.startswith(block + ".") for block in blocks)
 
 
 def merge(base_dir: Path, other_dir: Path, blocks: list[str]) -> tuple[dict, dict, dict]:
@@ -87,10 +84,12 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True, help="new progress folder")
     args = parser.parse_args()
-    state, meta, report = merge(args.base, args.other, args.blocks)
+    try:
+        state, meta, report = merge(args.base, args.other, args.blocks)
+    except AdalogError as exc:  # unreadable progress.json or progress.safetensors
+        raise SystemExit(f"merge_progress: {exc}") from exc
     args.out.mkdir(parents=True, exist_ok=True)
-    contiguous = {k: v.contiguous() for k, v in state.items()}
-    atomic_write(args.out / PROGRESS_WEIGHTS, lambda tmp: save_file(contiguous, str(tmp)))
+    atomic_write(args.out / PROGRESS_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     atomic_write_json(args.out / PROGRESS_META, meta)
     atomic_write_json(args.out / "merge_report.json", report)
     print(

@@ -25,10 +25,11 @@ run() {  # progress dir, engine, save dir, out json, log (the engine is part of 
 done_with() {  # progress dir, block
   python3 -c "import json,sys; sys.exit('$2' not in json.load(open('$1/progress.json'))['done_blocks'])"
 }
-set_engine() {  # progress dir, engine
-  python3 -c "
-import json; p='$1/progress.json'; d=json.load(open(p)); d['config']['search_engine']='$2'
-json.dump(d, open(p, 'w'), indent=2)"
+set_engine() {  # progress dir, engine (rewritten atomically)
+  $PY -c "
+from adalog.io import atomic_write_json; from adalog.pipelines.checkpoint import read_progress_meta
+meta = read_progress_meta('$1'); meta['config']['search_engine'] = '$2'
+atomic_write_json('$1/progress.json', meta)"
 }
 stop_after() {  # progress dir, block: stop the run on that folder once the block is saved
   until done_with "$1" "$2"; do sleep 5; done
