@@ -24,17 +24,16 @@ Example (issue 5: the fast engine against the straightforward one):
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import torch
-from gptq_layers import score_logits
+from gptq_layers import fp_twin, score_logits
 from torch import Tensor, nn
 
 from adalog.errors import ConfigError
 from adalog.io import atomic_write_json
 from adalog.models import read_state_dict
-from adalog.models.qmodules import set_quant_mode, snap_weights_to_grid
+from adalog.models.qmodules import snap_weights_to_grid
 from adalog.pipelines.checkpoint import (
     WEIGHTS_FILE,
     load_quantized,
@@ -108,9 +107,7 @@ def dev_rest_logits(model: nn.Module, loader, dtype: torch.dtype, scale: float =
 def evaluate_pair(first: str, second: str) -> dict:
     """Top-1 of both checkpoints under four float roundings, KL to FP, argmax agreement."""
     models = {"first": load_quantized(first), "second": load_quantized(second)}
-    fp = copy.deepcopy(models["first"])
-    unfold_post_gelu_shift(fp)
-    set_quant_mode(fp, False)
+    fp = fp_twin(models["first"])
     loader = build_eval_loader(fp, SAMPLE / "dev", exclude=SAMPLE / "calib32.txt")
     fp_logits, labels = dev_rest_logits(fp, loader, torch.float32)
     runs = {"fp32": (torch.float32, 1.0), f"fp32 x(1+{EPS:g})": (torch.float32, 1 + EPS)}

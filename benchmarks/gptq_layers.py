@@ -107,22 +107,31 @@ class PosthocSetup:
             calib = load_calibration_images(base, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
         views = augmented_views(calib, n_views, GPTQ_CROP_SCALE_MIN, True, config.seed)
         images, labels = dev_rest_head(base, n_images)
-        fp = copy.deepcopy(base)
-        unfold_post_gelu_shift(fp)
-        set_quant_mode(fp, False)
-        return cls(base, config, views, images, labels, batched_logits(fp, images))
+        return cls(base, config, views, images, labels, batched_logits(fp_twin(base), images))
 
     def score(self, model: nn.Module) -> dict[str, float]:
         return score_logits(batched_logits(model, self.images), self.fp_logits, self.labels)
 
 
+def fp_twin(model: nn.Module) -> nn.Module:
+    """A copy of a quantized checkpoint that computes the FP model (shift fold undone)."""
+    fp = copy.deepcopy(model)
+    unfold_post_gelu_shift(fp)
+    set_quant_mode(fp, False)
+    return fp
+
+
+def mean_kl(logits: Tensor, fp_logits: Tensor) -> float:
+    """Mean KL(FP || Q) of the logits over the batch."""
+    return F.kl_div(
+        logits.log_softmax(-1), fp_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+    ).item()
+
+
 def score_logits(logits: Tensor, fp_logits: Tensor, labels: Tensor) -> dict[str, float]:
     """Mean KL(FP || Q), argmax agreement with FP, top-1."""
-    kl = F.kl_div(
-        logits.log_softmax(-1), fp_logits.log_softmax(-1), log_target=True, reduction="batchmean"
-    )
     return {
-        "kl_to_fp": kl.item(),
+        "kl_to_fp": mean_kl(logits, fp_logits),
         "agree_with_fp": (logits.argmax(-1) == fp_logits.argmax(-1)).float().mean().item(),
         "top1": (logits.argmax(-1) == labels).float().mean().item(),
     }

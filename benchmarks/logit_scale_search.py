@@ -17,19 +17,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
-import torch.nn.functional as F
-from gptq_layers import PosthocSetup, full_eval
+from gptq_layers import PosthocSetup, fp_twin, full_eval, mean_kl
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from adalog.io import atomic_write_json
-from adalog.models.qmodules import set_quant_mode
 from adalog.pipelines.checkpoint import save_quantized
-from adalog.pipelines.reconstruct import unfold_post_gelu_shift
 from adalog.quant.modules import UniformQuantizer
 
 DEFAULT_KINDS = ("attn.qkv", "attn.proj", "mlp.fc1")
@@ -45,15 +41,10 @@ def prefix(model: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
 
 
 def suffix(model: nn.Module, h: Tensor, start: int) -> Tensor:
+    """Logits from the hidden state entering block ``start``."""
     for block in model.blocks[start:]:
         h = block(h)
     return model.forward_head(model.norm(h))
-
-
-def mean_kl(logits: Tensor, fp_logits: Tensor) -> float:
-    return F.kl_div(
-        logits.log_softmax(-1), fp_logits.log_softmax(-1), log_target=True, reduction="batchmean"
-    ).item()
 
 
 def search(
@@ -99,11 +90,10 @@ def main() -> None:
 
     setup = PosthocSetup.load(args.qdir, args.calib_tensor, args.views, args.images)
     model = setup.base
-    fp = copy.deepcopy(model)
-    unfold_post_gelu_shift(fp)
-    set_quant_mode(fp, False)
+    if not hasattr(model, "blocks"):
+        raise SystemExit(f"{args.qdir}: a ViT/DeiT checkpoint is needed (timm VisionTransformer)")
     with torch.no_grad():
-        fp_views = fp(setup.views)
+        fp_views = fp_twin(model)(setup.views)
     before = setup.score(model)
     print("before", before, flush=True)
     start = time.perf_counter()

@@ -14,25 +14,23 @@ Reuse a calibrated checkpoint (its bias fold is undone and redone with the new w
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import time
 from pathlib import Path
 
 import torch
-from gptq_layers import batched_logits, dev_rest_head, score_logits
+from gptq_layers import batched_logits, dev_rest_head, fp_twin, score_logits
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 
 from adalog.config import AdaLogConfig
 from adalog.io import atomic_write_json
 from adalog.models import create_model
-from adalog.models.qmodules import set_quant_mode
 from adalog.pipelines.calibrate import calibrate, load_calibration_images
 from adalog.pipelines.checkpoint import load_quantized, save_quantized
 from adalog.pipelines.evaluate import build_eval_loader, evaluate
-from adalog.pipelines.reconstruct import reconstruct, unfold_post_gelu_shift
+from adalog.pipelines.reconstruct import reconstruct
 from adalog.recon.config import ReconstructConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -146,9 +144,7 @@ def _fp_logits(model: torch.nn.Module, *image_sets: torch.Tensor) -> list[torch.
     """Logits of the FP model on each image set: the calibrated model unfolded and in raw mode
     (its weights are the FP weights under nearest rounding, the only rounding reconstruction
     accepts)."""
-    fp = copy.deepcopy(model)
-    unfold_post_gelu_shift(fp)
-    set_quant_mode(fp, False)
+    fp = fp_twin(model)
     return [batched_logits(fp, images) for images in image_sets]
 
 
