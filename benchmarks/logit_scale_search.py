@@ -6,7 +6,8 @@ scale of selected uniform input quantizers by candidate factors, keeping the fac
 the lowest mean KL(FP || Q) of the logits on seeded augmented views of the calibration images
 (never evaluation images). The quantized prefix up to the block is computed once per block;
 each candidate runs the rest of the network. Scored on the first ``--images`` dev-rest images
-and, with ``--full-eval``, on all of dev-rest in float32 and float64. Prints a table, writes JSON.
+and, with ``--full-eval``, on all of dev-rest in float32 and float64. Prints each choice,
+writes JSON.
 
 Example:
     python benchmarks/logit_scale_search.py runs/w4a4_refcalib_rot_gptq --calib-tensor \
@@ -21,30 +22,32 @@ import time
 
 import torch
 from gptq_layers import PosthocSetup, fp_twin, full_eval, mean_kl
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from adalog.io import atomic_write_json
+from adalog.models.hooks import StopForward, forward_hooks, run_forward
+from adalog.models.qmodules import QuantLinear
 from adalog.pipelines.checkpoint import save_quantized
 from adalog.quant.modules import UniformQuantizer
+from adalog.recon.blocks import TailUnit
 
 DEFAULT_KINDS = ("attn.qkv", "attn.proj", "mlp.fc1")
 DEFAULT_FACTORS = (0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 
 
-def prefix(model: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
-    """Hidden state entering block ``n_blocks`` of a timm VisionTransformer."""
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    for block in model.blocks[:n_blocks]:
-        x = block(x)
-    return x
+def block_input(model: nn.Module, x: Tensor, index: int) -> Tensor:
+    """What ``model.blocks[index]`` receives for ``x`` (the forward stops there)."""
+    seen = {}
 
+    def hook(name, module, inputs, output) -> None:
+        seen["x"] = inputs[0]
+        raise StopForward
 
-def suffix(model: nn.Module, h: Tensor, start: int) -> Tensor:
-    """Logits from the hidden state entering block ``start``."""
-    for block in model.blocks[start:]:
-        h = block(h)
-    return model.forward_head(model.norm(h))
+    with forward_hooks({"block": model.blocks[index]}, hook):
+        run_forward(model, x)
+    return seen["x"]
 
 
 def search(
@@ -54,7 +57,7 @@ def search(
     records = []
     with torch.no_grad():
         for b, block in enumerate(tqdm(model.blocks, desc="blocks")):
-            h = prefix(model, views, b)
+            h, rest = block_input(model, views, b), TailUnit(model, b)
             for kind in kinds:
                 quant = block.get_submodule(kind).input_quant
                 if not isinstance(quant, UniformQuantizer) or quant.scale.numel() != 1:
@@ -63,7 +66,7 @@ def search(
                 losses = {}
                 for f in factors:
                     quant.scale = base * f
-                    losses[f] = mean_kl(suffix(model, h, b), fp_logits)
+                    losses[f] = mean_kl(rest(h), fp_logits)
                 best = min(losses, key=losses.get)
                 quant.scale = base * best
                 records.append(
@@ -87,11 +90,16 @@ def main() -> None:
     parser.add_argument("--save", help="write the re-searched checkpoint here")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if min(args.factors) <= 0 or min(args.views, args.rounds, args.images) < 1:
+        parser.error("--factors must be positive; --views, --rounds and --images at least 1")
 
     setup = PosthocSetup.load(args.qdir, args.calib_tensor, args.views, args.images)
     model = setup.base
-    if not hasattr(model, "blocks"):
-        raise SystemExit(f"{args.qdir}: a ViT/DeiT checkpoint is needed (timm VisionTransformer)")
+    if not isinstance(model, VisionTransformer):
+        raise SystemExit(f"{args.qdir}: needs a ViT/DeiT checkpoint, not {type(model).__name__}")
+    linears = {n for n, m in model.blocks[0].named_modules() if isinstance(m, QuantLinear)}
+    if unknown := sorted(set(args.kinds) - linears):
+        raise SystemExit(f"--kinds {unknown}: not quantized linears of a block ({sorted(linears)})")
     with torch.no_grad():
         fp_views = fp_twin(model)(setup.views)
     before = setup.score(model)
@@ -100,7 +108,8 @@ def main() -> None:
     rounds = []
     for _ in range(args.rounds):
         rounds.append(search(model, setup.views, fp_views, tuple(args.kinds), args.factors))
-        print("after round", setup.score(model), flush=True)
+        after = setup.score(model)
+        print("after round", after, flush=True)
     result = {
         "qdir": args.qdir,
         "views": args.views,
@@ -108,7 +117,7 @@ def main() -> None:
         "factors": args.factors,
         "seconds": time.perf_counter() - start,
         "before": before,
-        "after": setup.score(model),
+        "after": after,
         "rounds": rounds,
     }
     if args.save:
@@ -117,7 +126,9 @@ def main() -> None:
     if args.full_eval:
         result["dev_rest"] = full_eval({"searched": model})
     atomic_write_json(args.out, result)
-    print(f"before {before}\nafter {result['after']}\n{result.get('dev_rest')}")
+    print(f"before {before}\nafter {after}")
+    if "dev_rest" in result:
+        print(f"dev-rest {result['dev_rest']['searched']}")
 
 
 if __name__ == "__main__":
