@@ -422,3 +422,17 @@ def test_rotate_values_option_calibrates_a_rotated_model(tmp_path: Path):
     loaded = load_quantized(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(loaded(_images()), model(_images()))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_plus_presets_add_the_measured_options_to_the_reference(bits: int):
+    """``wNaN-plus`` = the reference ``wNaN`` with value rotation and GPTQ rounding, nothing
+    else changed; overrides still win."""
+    reference = AdaLogConfig.preset(f"w{bits}a{bits}")
+    plus = AdaLogConfig.preset(f"w{bits}a{bits}-plus")
+    assert (reference.rotate_values, reference.weight_rounding) == (False, "nearest")
+    assert (plus.rotate_values, plus.weight_rounding, plus.fc2_token_norm) == (True, "gptq", False)
+    assert plus.with_overrides(rotate_values=False, weight_rounding="nearest") == reference
+    assert AdaLogConfig.preset(f"w{bits}a{bits}-plus", seed=9).seed == 9
+    with pytest.raises(ConfigError, match="unknown preset"):
+        AdaLogConfig.preset(f"w{bits}a{bits}-best")

@@ -7,7 +7,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from adalog.config import PRESETS
 from adalog.errors import AdalogError, ConfigError
+
+PRESET_HELP = (
+    "w3a3/w4a4/w6a6: the reference configuration (reproduce the paper); w3a3-plus/w4a4-plus/"
+    "w6a6-plus: the same bits with the options beyond the reference that measured best "
+    "(value rotation and GPTQ rounding; best accuracy, calibrate-only)"
+)
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-list",
         help="file list of the calibration images (default: first calib_size images of the folder)",
     )
-    qu.add_argument("--preset", default="w4a4", choices=("w3a3", "w4a4", "w6a6"))
+    qu.add_argument("--preset", default="w4a4", choices=PRESETS, help=PRESET_HELP)
     qu.add_argument("--config", help="JSON/YAML config file (replaces --preset)")
     qu.add_argument("--seed", type=int, help="seed of the calibration augmentation and search")
     qu.add_argument(
@@ -115,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="variant sets: post-gelu, post-softmax, fpcs, log-scale",
     )
     ab.add_argument("--variants", nargs="+", help="run only these variant names")
-    ab.add_argument("--preset", default="w4a4", choices=("w3a3", "w4a4", "w6a6"))
+    ab.add_argument("--preset", default="w4a4", choices=PRESETS, help=PRESET_HELP)
     ab.add_argument("--config", help="JSON/YAML base config (replaces --preset)")
     ab.add_argument("--seed", type=int)
     ab.add_argument("--plot-block", type=int, help="block whose activations are plotted")
@@ -302,9 +309,16 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     config = config.with_overrides(**overrides)
     recon = _reconstruct_config(args)
     if recon is not None and config.weight_rounding != "nearest":
-        raise ConfigError(
-            "--reconstruct learns the weight rounding itself: drop --weight-rounding gptq"
+        if args.weight_rounding is not None:
+            raise ConfigError(
+                "--reconstruct learns the weight rounding itself: drop --weight-rounding gptq"
+            )
+        print(
+            "note: --reconstruct learns the weight rounding; the GPTQ rounding of the preset/"
+            "config is left out (weight_rounding='nearest')",
+            file=sys.stderr,
         )
+        config = config.with_overrides(weight_rounding="nearest")
     model = create_model(args.model, weights=args.weights)
     images = load_calibration_images(model, args.calib_data, args.calib_list, config)
     if args.search_workers < 1:

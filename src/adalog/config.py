@@ -15,6 +15,13 @@ LOG_SCALE_SEARCH_CHOICES = ("transplant", "own")
 SEARCH_ENGINE_CHOICES = ("fast", "naive")
 WEIGHT_ROUNDING_CHOICES = ("nearest", "gptq")
 BIT_RANGE = range(2, 9)
+#: Options beyond the reference that the ``*-plus`` presets turn on: per-head value rotation
+#: and GPTQ weight rounding, which add up (benchmarks/RESULTS.md, "Beyond-reference presets").
+#: ``fc2_token_norm`` is left out: on top of GPTQ it lowered top-1 (GPTQ already weighs fc2's
+#: tokens by their norm).
+PLUS_OPTIONS: dict[str, Any] = {"rotate_values": True, "weight_rounding": "gptq"}
+#: Preset names: the reference configurations and their beyond-reference counterparts.
+PRESETS = ("w3a3", "w4a4", "w6a6", "w3a3-plus", "w4a4-plus", "w6a6-plus")
 
 
 class SerialisableConfig:
@@ -153,11 +160,14 @@ class AdaLogConfig(SerialisableConfig):
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> AdaLogConfig:
-        presets = {"w3a3": 3, "w4a4": 4, "w6a6": 6}
-        if name not in presets:
-            raise ConfigError(f"unknown preset '{name}'; choose from {', '.join(presets)}")
-        bits = presets[name]
-        return cls(w_bits=bits, a_bits=bits, s_bits=bits).with_overrides(**overrides)
+        """``w3a3``/``w4a4``/``w6a6`` are the reference configurations (for reproduction);
+        ``*-plus`` adds the options beyond the reference that measured best (PLUS_OPTIONS)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset '{name}'; choose from {', '.join(PRESETS)}")
+        base, _, plus = name.partition("-")
+        bits = int(base[1])
+        extra = PLUS_OPTIONS if plus else {}
+        return cls(w_bits=bits, a_bits=bits, s_bits=bits, **extra).with_overrides(**overrides)
 
     @classmethod
     def w3a3(cls, **overrides: Any) -> AdaLogConfig:

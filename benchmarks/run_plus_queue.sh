@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue "beyond-reference presets": the reference and *-plus presets on the shared ViT-Tiny and
+# DeiT-Tiny, several calibration seeds each, one run after another (12-20 min each on the 2-core
+# machine). Each writes benchmarks/logs/<name>.json and .log and keeps its calibration progress
+# in runs/progress/<name>, so rerunning this script skips finished runs and resumes a cut one.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+REF=../shared/data/imagenet-sample/reference_calib32_vit_tiny.safetensors
+DEIT=(--model deit_tiny_patch16_224 --weights ../shared/models/deit_tiny_patch16_224.fb_in1k_lnq.safetensors)
+run() {  # name, then quantize_eval.py arguments
+  local name=$1; shift
+  [ -f "benchmarks/logs/$name.json" ] && { echo "skip $name"; return; }
+  $PY benchmarks/quantize_eval.py "$@" --resume "runs/progress/$name" --save "runs/$name" \
+    --out "benchmarks/logs/$name.json" > "benchmarks/logs/$name.log" 2>&1 \
+    && tail -1 "benchmarks/logs/$name.log"
+}
+# adalog's reference configuration on the reference tensors: the fidelity record's checkpoint
+run vit_tiny_w4a4_refcalib_fidelity --preset w4a4 --calib-tensor "$REF"
+for seed in 5 6 7; do
+  run "vit_tiny_w4a4plus_calib32_seed$seed" --preset w4a4-plus --seed "$seed"
+done
+for seed in 5 6 7; do
+  run "deit_tiny_w4a4plus_calib32_seed$seed" "${DEIT[@]}" --preset w4a4-plus --seed "$seed"
+  run "deit_tiny_w4a4_calib32_seed${seed}_ref" "${DEIT[@]}" --preset w4a4 --seed "$seed"
+done
+for bits in w6a6 w3a3; do
+  run "vit_tiny_${bits}plus_calib32_seed5" --preset "$bits-plus" --seed 5
+  run "deit_tiny_${bits}plus_calib32_seed5" "${DEIT[@]}" --preset "$bits-plus" --seed 5
+  run "deit_tiny_${bits}_calib32_seed5_ref" "${DEIT[@]}" --preset "$bits" --seed 5
+done
