@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, TypeVar
 
 from adalog.errors import ConfigError
+
+#: The concrete config class of a classmethod/method result (typing.Self needs Python 3.11).
+Self = TypeVar("Self", bound="SerialisableConfig")
 
 POST_SOFTMAX_CHOICES = ("adalog", "log2", "logsqrt2", "uniform")
 POST_GELU_CHOICES = ("adalog", "log2", "logsqrt2", "twin", "uniform")
@@ -31,7 +34,7 @@ class SerialisableConfig:
     #: What the error messages call this config.
     config_kind = "config"
 
-    def with_overrides(self, **overrides: Any) -> Self:
+    def with_overrides(self: Self, **overrides: Any) -> Self:
         unknown = set(overrides) - {f.name for f in fields(self)}
         if unknown:
             raise ConfigError(f"unknown {self.config_kind} keys: {', '.join(sorted(unknown))}")
@@ -41,7 +44,7 @@ class SerialisableConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
+    def from_dict(cls: type[Self], data: dict[str, Any]) -> Self:
         if not isinstance(data, dict):
             raise ConfigError(f"a {cls.config_kind} must be a mapping of field names to values")
         return cls().with_overrides(**data)
@@ -58,7 +61,7 @@ class SerialisableConfig:
             atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> Self:
+    def load(cls: type[Self], path: str | Path) -> Self:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
