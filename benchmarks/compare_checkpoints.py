@@ -34,15 +34,10 @@ from adalog.errors import ConfigError
 from adalog.io import atomic_write_json
 from adalog.models import read_state_dict
 from adalog.models.qmodules import snap_weights_to_grid
-from adalog.pipelines.checkpoint import (
-    WEIGHTS_FILE,
-    load_quantized,
-    read_progress_meta,
-    read_progress_state,
-    state_dtype,
-)
+from adalog.pipelines.checkpoint import WEIGHTS_FILE, load_quantized
 from adalog.pipelines.evaluate import build_eval_loader
 from adalog.pipelines.reconstruct import unfold_post_gelu_shift
+from adalog.pipelines.runstore import read_progress_meta, read_progress_state, state_dtype
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
 EPS = 1e-7

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from adalog.io import atomic_write_json
 from adalog.pipelines.evaluate import build_eval_loader
 from adalog.pipelines.export import fake_quant_model, read_artifact
-from adalog.runtime.integer import build_integer_model
+from adalog.runtime import build_integer_model
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
 

@@ -24,18 +24,13 @@ from pathlib import Path
 
 import torch
 from compare_checkpoints import compare, in_blocks
-from safetensors.torch import save_file
 
 from adalog.errors import AdalogError
-from adalog.io import atomic_write, atomic_write_json
+from adalog.io import atomic_write_json
 from adalog.models import read_state_dict
-from adalog.pipelines.checkpoint import (
-    PROGRESS_META,
-    PROGRESS_WEIGHTS,
-    read_progress_meta,
-)
+from adalog.pipelines.runstore import PROGRESS_WEIGHTS, read_progress_meta, write_progress
 
-RUN_KEYS = ("done_blocks", "record")
+RUN_KEYS = ("done_blocks", "record", "format_version")
 
 
 def is_quantizer_tensor(key: str) -> bool:
@@ -86,11 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         state, meta, report = merge(args.base, args.other, args.blocks)
-    except AdalogError as exc:  # unreadable progress.json or progress.safetensors
+    except AdalogError as exc:  # unreadable progress
         raise SystemExit(f"merge_progress: {exc}") from exc
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / PROGRESS_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
-    atomic_write_json(args.out / PROGRESS_META, meta)
+    write_progress(args.out, state, meta)
     atomic_write_json(args.out / "merge_report.json", report)
     print(
         f"{args.out}: {len(meta['done_blocks'])} units done; {report['tensors']} tensors of "

@@ -23,13 +23,15 @@ run() {  # progress dir, engine, save dir, out json, log (the engine is part of 
     --set "search_engine=\"$2\"" --resume "$1" --save "$3" --out "$4" > "$5" 2>&1
 }
 done_with() {  # progress dir, block
-  python3 -c "import json,sys; sys.exit('$2' not in json.load(open('$1/progress.json'))['done_blocks'])"
+  $PY -c "import sys; from adalog.pipelines.runstore import read_progress_meta
+sys.exit('$2' not in read_progress_meta('$1')['done_blocks'])" 2>/dev/null
 }
 set_engine() {  # progress dir, engine (rewritten atomically)
   $PY -c "
-from adalog.io import atomic_write_json; from adalog.pipelines.checkpoint import read_progress_meta
+from adalog.models import read_state_dict
+from adalog.pipelines.runstore import PROGRESS_WEIGHTS, read_progress_meta, write_progress
 meta = read_progress_meta('$1'); meta['config']['search_engine'] = '$2'
-atomic_write_json('$1/progress.json', meta)"
+write_progress('$1', read_state_dict('$1/' + PROGRESS_WEIGHTS), meta)"
 }
 stop_after() {  # progress dir, block: stop the run on that folder once the block is saved
   until done_with "$1" "$2"; do sleep 5; done

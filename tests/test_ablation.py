@@ -15,7 +15,7 @@ from adalog.errors import ConfigError
 from adalog.pipelines import ablation
 from adalog.pipelines.ablation import Variant, run_ablation, select_variants
 from adalog.pipelines.calibrate import Reuse
-from adalog.pipelines.checkpoint import read_progress_state
+from adalog.pipelines.runstore import read_progress_meta, read_progress_state
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
 
 TINY = {"depth": 1, "img_size": 64, "patch_size": 16, "embed_dim": 32, "num_heads": 2}
@@ -75,7 +75,7 @@ def test_variants_quantize_with_the_intended_quantizers_and_resume(tmp_path: Pat
     monkeypatch.setattr(ablation, "calibrate", counting)
     results = run_ablation(tmp_path, variants, BASE, _tiny, images, evaluate, inspect, False)
     assert calls.count(True) == 1  # only the new variant ran
-    assert json.loads((tmp_path / "base" / "progress.json").read_text())["done_blocks"]
+    assert read_progress_meta(tmp_path / "base")["done_blocks"]
     assert seen[-1] == (UniformQuantizer, None, 3)
     assert [r["variant"] for r in results] == ["twin", "log2-raw", "softmax-uniform-s3"]
     assert json.loads((tmp_path / "variants" / "twin.json").read_text()) == first
@@ -114,7 +114,7 @@ def test_cli_ablate_writes_tables_and_plots(tmp_path: Path, random_deit_and_imag
     assert adalog.cli.main(argv) == 0
     rows = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in rows] == ["gelu-uniform", "gelu-adalog"]
-    assert set(json.loads((out / "fp32.json").read_text())) == {"top1", "top5", "n"}
+    assert set(json.loads((out / "fp32.json").read_text())) == {"top1", "top5", "n", "fingerprint"}
     assert (out / "results.md").read_text().startswith("FP32 model: top-1")
     for png in ("accuracy.png", "levels_post_gelu.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
@@ -176,7 +176,7 @@ def test_variant_from_reused_base_calibration_equals_a_full_run(
         return real(model, target, *args)
 
     monkeypatch.setattr(calibrate_module, "_calibrate_target", recording)
-    part = adalog.quantize(model(), images, config, progress=False, reuse=reuse)
+    part = calibrate_module.calibrate(model(), images, config, progress=False, reuse=reuse)
     expected = full.state_dict()
     assert part.state_dict().keys() == expected.keys()
     for key, value in part.state_dict().items():
@@ -184,3 +184,30 @@ def test_variant_from_reused_base_calibration_equals_a_full_run(
     assert len(searched) == 2 and all(n.endswith(suffixes) for n in searched)
     assert ablation.searched_modules({"fpcs": False}) is None
     assert ablation.searched_modules({"post_gelu": "twin", "eq_n": 64}) is None
+
+
+def test_rerun_with_another_base_model_or_eval_set_is_refused(tmp_path: Path):
+    """A finished variant is reused only by the run that made it: another base config, other
+    starting weights or another evaluation set is refused, naming what differs."""
+    evaluate = lambda model: {"top1": 0.5, "top5": 0.75, "n": 4}  # noqa: E731
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    variants = select_variants(["fpcs"], ["fpcs"])
+    run_ablation(tmp_path, variants, BASE, _tiny, images, evaluate, progress=False)
+    saved = json.loads((tmp_path / "variants" / "fpcs.json").read_text())["fingerprint"]
+    assert saved["model"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+    def other_weights() -> torch.nn.Module:
+        torch.manual_seed(3)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+
+    cases = [
+        ((BASE.with_overrides(eq_n=16), _tiny, {}), r"eq_n 32 -> 16"),
+        ((BASE, other_weights, {}), r"weights_sha256 \(other starting weights\)"),
+        ((BASE, _tiny, {"n": 9}), r"eval_data \(another evaluation image set\)"),
+    ]
+    for (base, make_model, eval_data), message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_ablation(tmp_path, variants, base, make_model, images, evaluate,
+                         progress=False, eval_data=eval_data)  # fmt: skip
+    again = run_ablation(tmp_path, variants, BASE, _tiny, images, evaluate, progress=False)
+    assert again[0]["fingerprint"] == saved

@@ -13,9 +13,11 @@ import adalog.cli
 import adalog.pipelines.calibrate as calibrate_module
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
+from adalog.models import read_state_dict
 from adalog.models.qmodules import QuantLinear, QuantModule, set_quant_mode
 from adalog.models.rotation import random_orthogonal, rotate_value_heads
 from adalog.pipelines.checkpoint import load_quantized
+from adalog.pipelines.runstore import PROGRESS_WEIGHTS, read_progress_meta, write_progress
 from adalog.quant import LogQuantizer, TwinUniformQuantizer
 
 SMALL = AdaLogConfig.w4a4(eq_n=32, search_rounds=1, fpcs_steps=2)
@@ -98,20 +100,26 @@ def test_same_seed_gives_bit_identical_parameters():
 
 @pytest.mark.parametrize(("name", "kwargs"), FAMILIES)
 def test_parallel_module_searches_equal_one_thread_sequential(name, kwargs, monkeypatch):
-    """Two workers with one intra-op thread each give the one-thread sequential result bit for
-    bit, search every module once, and restore the caller's thread count."""
+    """Two workers with one intra-op thread each give the result of one worker whose searches
+    run on one thread (captures on the caller's two) bit for bit, search every module once, and
+    restore the caller's thread count. (A wholly one-thread run may differ: the FP captures'
+    float reductions depend on the thread count in recent torch builds.)"""
     before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        sequential = _model(name, kwargs)
-        adalog.quantize(sequential, _images(), SMALL, progress=False, search_workers=1)
-        torch.set_num_threads(2)
-        real, seen = calibrate_module._calibrate_target, []
+    real, seen = calibrate_module._calibrate_target, []
 
-        def recording(model, target, *args):
-            seen.append((target.name, torch.get_num_threads()))
+    def one_thread(model, target, *args):
+        with calibrate_module._intra_op_threads(1):
             return real(model, target, *args)
 
+    def recording(model, target, *args):
+        seen.append((target.name, torch.get_num_threads()))
+        return real(model, target, *args)
+
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(calibrate_module, "_calibrate_target", one_thread)
+        sequential = _model(name, kwargs)
+        adalog.quantize(sequential, _images(), SMALL, progress=False, search_workers=1)
         monkeypatch.setattr(calibrate_module, "_calibrate_target", recording)
         parallel = _model(name, kwargs)
         adalog.quantize(parallel, _images(), SMALL, progress=False, search_workers=2)
@@ -148,8 +156,7 @@ def test_interrupted_calibration_resumes_to_the_same_parameters(
     monkeypatch.setattr(calibrate_module, "_calibrate_target", failing)
     with pytest.raises(KeyboardInterrupt):
         adalog.quantize(_model(name, kwargs), _images(), SMALL, progress=False, resume_dir=tmp_path)
-    saved = json.loads((tmp_path / "progress.json").read_text())["done_blocks"]
-    assert saved == blocks[:2]
+    assert read_progress_meta(tmp_path)["done_blocks"] == blocks[:2]
     calls.clear()
     calls_limit[0] = None
     resumed = adalog.quantize(
@@ -160,7 +167,7 @@ def test_interrupted_calibration_resumes_to_the_same_parameters(
     assert resumed.state_dict().keys() == expected.keys()
     for key, value in resumed.state_dict().items():
         assert torch.equal(value, expected[key]), key
-    with pytest.raises(ConfigError, match="differs in: config"):
+    with pytest.raises(ConfigError, match=r"config \(another config\): eq_n 32 -> 16"):
         adalog.quantize(
             _model(name, kwargs),
             _images(),
@@ -172,17 +179,20 @@ def test_interrupted_calibration_resumes_to_the_same_parameters(
         adalog.quantize(
             _model(name, kwargs), _images(seed=2), SMALL, progress=False, resume_dir=tmp_path
         )
+    with pytest.raises(ConfigError, match=r"weights_sha256 \(other starting weights\)"):
+        adalog.quantize(
+            _model(name, kwargs, seed=7), _images(), SMALL, progress=False, resume_dir=tmp_path
+        )
 
 
 def test_progress_from_before_new_config_keys_resumes(tmp_path: Path, monkeypatch):
     """Progress written before a config key existed matches a run with that key's default."""
     first = adalog.quantize(_model("vit_tiny_patch16_224", VIT_KW), _images(), SMALL,
                             progress=False, resume_dir=tmp_path)  # fmt: skip
-    meta_path = tmp_path / "progress.json"
-    meta = json.loads(meta_path.read_text())
+    meta = read_progress_meta(tmp_path)
     for key in ("weight_rounding", "gptq_damp", "gptq_views"):
         del meta["config"][key]
-    meta_path.write_text(json.dumps(meta))
+    write_progress(tmp_path, read_state_dict(tmp_path / PROGRESS_WEIGHTS), meta)
 
     def no_search(*args):
         raise AssertionError("a saved block was searched again")
@@ -192,6 +202,111 @@ def test_progress_from_before_new_config_keys_resumes(tmp_path: Path, monkeypatc
                               progress=False, resume_dir=tmp_path)  # fmt: skip
     for key, value in resumed.state_dict().items():
         assert torch.equal(value, first.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("crash_at", [2, 3, 4])
+def test_crash_while_saving_progress_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, monkeypatch, crash_at: int
+):
+    """The process dies at the ``crash_at``-th file rename of the progress saves (a rename is
+    the only step that makes a write visible). Whatever it left, the resumed run equals an
+    uninterrupted one: progress is never a state of one block with the bookkeeping of another
+    (which would fold a LayerNorm twice)."""
+    import adalog.io
+
+    whole = adalog.quantize(_model("vit_tiny_patch16_224", VIT_KW), _images(), SMALL,
+                            progress=False)  # fmt: skip
+    real_replace, renames = adalog.io.os.replace, []
+
+    def dying_replace(src, dst):
+        renames.append(dst)
+        if len(renames) == crash_at:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(adalog.io.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        adalog.quantize(_model("vit_tiny_patch16_224", VIT_KW), _images(), SMALL,
+                        progress=False, resume_dir=tmp_path)  # fmt: skip
+    monkeypatch.setattr(adalog.io.os, "replace", real_replace)
+    resumed = adalog.quantize(_model("vit_tiny_patch16_224", VIT_KW), _images(), SMALL,
+                              progress=False, resume_dir=tmp_path)  # fmt: skip
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, whole.state_dict()[key]), key
+
+
+def test_checkpoint_records_tag_kwargs_weights_and_calibration_images(
+    tmp_path: Path, tiny_folder: Path
+):
+    """A non-default pretrained tag (ImageNet mean/std where the default tag has 0.5) and a
+    non-default classifier size survive save/load, and evaluation transforms like calibration."""
+    from adalog.data import eval_transform
+    from adalog.models import create_model
+    from adalog.pipelines.runstore import state_digest
+
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 10}
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16_224.dino", pretrained=False, **kwargs)
+    digest = state_digest(model)
+    config = SMALL.with_overrides(calib_size=2)
+    adalog.quantize(model, tiny_folder, config, progress=False)
+    adalog.save_quantized(model, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "adalog.json").read_text())
+    assert meta["model"] == "vit_small_patch16_224.dino"
+    assert meta["model_kwargs"] == kwargs and meta["weights_sha256"] == digest
+    assert meta["data_config"]["mean"] == [0.485, 0.456, 0.406]
+    calibration = meta["calibration"]
+    assert calibration["n"] == 2 and len(calibration["images"]) == 2
+    assert calibration["transform"] == "training augmentation (seed 5)"
+    loaded = adalog.load_quantized(tmp_path / "q")
+    assert loaded.head.out_features == 10
+    normalize = eval_transform(loaded).transforms[-1]
+    assert tuple(normalize.mean.tolist()) == pytest.approx((0.485, 0.456, 0.406))
+    default_tag = create_model("vit_small_patch16_224", pretrained=False, **kwargs)
+    assert tuple(eval_transform(default_tag).transforms[-1].mean.tolist()) == (0.5, 0.5, 0.5)
+
+
+def test_default_calibration_selection_is_seeded_and_spread_over_classes(tmp_path: Path):
+    """Without a list, calib_size images are drawn under the seed, one per class folder before
+    a second of any (the first files in sorted order would all be one class)."""
+    from adalog.pipelines.calibrate import calibration_batch
+    from tests.conftest import write_image
+
+    root = tmp_path / "val"
+    wnids = [f"n0{i:07d}" for i in range(6)]
+    for c, wnid in enumerate(wnids):
+        for i in range(5):
+            write_image(root / wnid / f"{i}.png", seed=10 * c + i, size=72)
+    model = _model("vit_tiny_patch16_224", VIT_KW)
+    config = SMALL.with_overrides(calib_size=4)
+    images, record = calibration_batch(model, root, None, config)
+    classes = [path.split("/")[0] for path in record["images"]]
+    assert images.shape[0] == 4 and len(set(classes)) == 4
+    assert calibration_batch(model, root, None, config)[1]["images"] == record["images"]
+    other = calibration_batch(model, root, None, config.with_overrides(seed=6))[1]["images"]
+    assert other != record["images"]
+    everything = calibration_batch(model, root, None, config.with_overrides(calib_size=8))[1]
+    assert len({p.split("/")[0] for p in everything["images"]}) == 6
+
+
+def test_quantize_takes_a_folder_like_the_cli(tmp_path: Path, tiny_folder: Path):
+    """``adalog.quantize(model, folder, config)`` selects and transforms the images as the CLI
+    does (same checkpoint tensors), and a ready tensor is recorded as such."""
+    from adalog.pipelines.calibrate import load_calibration_images
+
+    config = SMALL.with_overrides(calib_size=3, seed=4)
+    from_folder = adalog.quantize(_model("vit_tiny_patch16_224", VIT_KW), tiny_folder, config,
+                                  progress=False)  # fmt: skip
+    images = load_calibration_images(_model("vit_tiny_patch16_224", VIT_KW), tiny_folder, None,
+                                     config)  # fmt: skip
+    assert images.shape[0] == 3
+    from_tensor = adalog.quantize(_model("vit_tiny_patch16_224", VIT_KW), images, config,
+                                  progress=False)  # fmt: skip
+    for key, value in from_folder.state_dict().items():
+        assert torch.equal(value, from_tensor.state_dict()[key]), key
+    assert from_folder.adalog_meta["calibration"]["selection"].startswith("random")
+    assert from_tensor.adalog_meta["calibration"]["source"] == "tensor"
+    assert "transform" not in from_tensor.adalog_meta["calibration"]
 
 
 def _block_names(name: str, kwargs: dict) -> list[str]:
@@ -256,7 +371,7 @@ def test_checkpoint_for_other_model_or_config_is_refused(tmp_path: Path):
     model = _model("vit_tiny_patch16_224", VIT_KW)
     adalog.quantize(model, _images(), SMALL, progress=False, model_kwargs=VIT_KW)
     adalog.save_quantized(model, tmp_path / "q")
-    with pytest.raises(ConfigError, match="made for model 'vit_tiny_patch16_224'"):
+    with pytest.raises(ConfigError, match=r"made for model 'vit_tiny_patch16_224\.augreg"):
         adalog.load_quantized(tmp_path / "q", expected_model="deit_small_patch16_224")
     meta_path = tmp_path / "q" / "adalog.json"
     meta = json.loads(meta_path.read_text())
@@ -436,3 +551,45 @@ def test_plus_presets_add_the_measured_options_to_the_reference(bits: int):
     assert AdaLogConfig.preset(f"w{bits}a{bits}-plus", seed=9).seed == 9
     with pytest.raises(ConfigError, match="unknown preset"):
         AdaLogConfig.preset(f"w{bits}a{bits}-best")
+
+
+def test_cli_checks_config_and_out_before_any_work(tmp_path: Path, monkeypatch, capsys):
+    """--preset with --config, an --out that is a file or a folder of other files, and bad
+    --model-kwargs are refused before a model is even built."""
+    import adalog.models
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(adalog.models, "create_model", no_work)
+    config = tmp_path / "c.json"
+    SMALL.save(config)
+    base = ["quantize", "--model", "vit_tiny_patch16_224", "--calib-data", str(tmp_path)]
+    assert adalog.cli.main([*base, "--preset", "w4a4", "--config", str(config), "--out",
+                            str(tmp_path / "q")]) == 1  # fmt: skip
+    assert "--preset or --config, not both" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert adalog.cli.main([*base, "--out", str(tmp_path / "file")]) == 1
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    assert adalog.cli.main([*base, "--out", str(tmp_path / "busy")]) == 1
+    assert "holds other files (notes.txt)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        adalog.cli.main([*base, "--out", str(tmp_path / "q"), "--model-kwargs", "[1]"])
+    assert "JSON object" in capsys.readouterr().err
+
+
+def test_cli_bit_width_flags_override_the_preset_or_config(tmp_path: Path):
+    parser = adalog.cli.build_parser()
+    base = ["quantize", "--model", "m", "--calib-data", "d", "--out", "o"]
+    args = parser.parse_args([*base, "--preset", "w4a4-plus", "--w-bits", "6", "--a-bits", "5"])
+    config = adalog.cli._base_config(args)
+    assert (config.w_bits, config.a_bits, config.s_bits) == (6, 5, 4)
+    assert config.rotate_values and config.weight_rounding == "gptq"
+    SMALL.save(tmp_path / "c.yaml")
+    args = parser.parse_args([*base, "--config", str(tmp_path / "c.yaml"), "--s-bits", "3"])
+    assert adalog.cli._base_config(args) == SMALL.with_overrides(s_bits=3)
+    ablate = ["ablate", "--model", "m", "--calib-data", "d", "--data", "d", "--out", "o"]
+    args = parser.parse_args([*ablate, "--w-bits", "3", "--model-kwargs", '{"num_classes": 10}'])
+    assert adalog.cli._base_config(args).w_bits == 3 and args.model_kwargs == {"num_classes": 10}

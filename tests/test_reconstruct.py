@@ -13,8 +13,10 @@ import adalog
 import adalog.cli
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
+from adalog.models import read_state_dict
 from adalog.models.qmodules import QuantConv2d, QuantLinear
 from adalog.pipelines.reconstruct import round_beta, token_norm_weights, unfold_post_gelu_shift
+from adalog.pipelines.runstore import PROGRESS_WEIGHTS, read_progress_meta, write_progress
 from adalog.quant import GELU_SHIFT, LogQuantizer, UniformQuantizer
 from adalog.recon import AdaRoundQuantizer, ReconstructConfig
 from adalog.recon.adaround import rectified_sigmoid, round_regularizer
@@ -644,7 +646,7 @@ def test_interrupted_run_resumes_bit_for_bit(calibrated, tmp_path: Path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         adalog.reconstruct(copy.deepcopy(model), images, config, False, resume_dir=tmp_path)
     monkeypatch.setattr(recon, "_train_block", train_block)
-    assert json.loads((tmp_path / "progress.json").read_text())["done_blocks"] == calls[:2]
+    assert read_progress_meta(tmp_path)["done_blocks"] == calls[:2]
     stats: dict = {}
     resumed = adalog.reconstruct(
         copy.deepcopy(model), images, config, False, stats, resume_dir=tmp_path
@@ -663,10 +665,9 @@ def test_resume_accepts_progress_saved_before_a_config_field_existed(
     model, images, _ = calibrated
     config = TINY.with_overrides(iterations=2)
     adalog.reconstruct(copy.deepcopy(model), images, config, False, resume_dir=tmp_path)
-    meta_path = tmp_path / "progress.json"
-    meta = json.loads(meta_path.read_text())
+    meta = read_progress_meta(tmp_path)
     del meta["reconstruct"]["mix_prob"]
-    meta_path.write_text(json.dumps(meta))
+    write_progress(tmp_path, read_state_dict(tmp_path / PROGRESS_WEIGHTS), meta)
     import adalog.pipelines.reconstruct as recon
 
     def must_not_train(*args, **kwargs):
@@ -691,3 +692,33 @@ def test_resume_refuses_progress_of_another_run(calibrated, tmp_path: Path):
             adalog.reconstruct(
                 copy.deepcopy(model), other_images, other_config, False, resume_dir=tmp_path
             )
+
+
+def test_cli_saves_the_calibrated_model_before_reconstructing(
+    tmp_path: Path, tiny_folder: Path, monkeypatch, capsys
+):
+    """A reconstruction that fails leaves the calibrated model in OUT/calibrated, loadable."""
+    import adalog.models
+    import adalog.pipelines.checkpoint as checkpoint
+    import adalog.pipelines.reconstruct as reconstruct_module
+
+    def one_block_deit(name: str, weights=None, pretrained: bool = True, **kwargs):
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, depth=1, embed_dim=32, num_heads=2)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("reconstruction died")
+
+    monkeypatch.setattr(adalog.models, "create_model", one_block_deit)
+    monkeypatch.setattr(checkpoint, "create_model", one_block_deit)
+    monkeypatch.setattr(reconstruct_module, "reconstruct", failing)
+    calib = tmp_path / "calib.json"
+    CALIB.with_overrides(calib_size=2).save(calib)
+    argv = ["quantize", "--model", "deit_tiny_patch16_224", "--calib-data", str(tiny_folder)]
+    argv += ["--config", str(calib), "--reconstruct", "--out", str(tmp_path / "q")]
+    with pytest.raises(RuntimeError, match="reconstruction died"):
+        adalog.cli.main(argv)
+    assert "saved the calibrated model" in capsys.readouterr().out
+    calibrated = adalog.load_quantized(tmp_path / "q" / "calibrated")
+    assert "reconstruct" not in calibrated.adalog_meta
+    assert not (tmp_path / "q" / "adalog.json").exists()

@@ -7,6 +7,9 @@ import copy
 import functools
 import json
 import math
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -26,6 +29,7 @@ from adalog.quant import GELU_SHIFT, LogQuantizer, UniformQuantizer
 from adalog.quant.log import adalog_denominator, adalog_lut_numerators, adalog_tables
 from adalog.runtime import build_integer_model, load_integer_model
 from adalog.runtime import kernels as kernels_mod
+from adalog.runtime.artifact import log_tables
 from adalog.runtime.fast import (
     FastLinear,
     FastViTAttention,
@@ -34,7 +38,7 @@ from adalog.runtime.fast import (
     log_levels,
     onednn_linears,
 )
-from adalog.runtime.integer import Coded, LogCoder, _log_tables, int_bilinear, log_index
+from adalog.runtime.integer import Coded, LogCoder, int_bilinear, log_index
 from adalog.runtime.kernels import FastKernel, ReferenceKernel
 from adalog.runtime.onnx_engine import (
     OrtModel,
@@ -200,7 +204,18 @@ def test_fast_engine_fallbacks_match_reference(monkeypatch, missing: str):
         monkeypatch.setattr(kernels_mod.FastKernel, "_qlinear_onednn", refuse)
     else:
         monkeypatch.setattr(torch, "_int_mm", refuse)
-    fast, logits, reference = _fast_and_reference("w8a8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast, logits, reference = _fast_and_reference("w8a8")
+    announced = [
+        str(w.message) for w in caught if issubclass(w.category, kernels_mod.KernelFallbackWarning)
+    ]
+    op = {"onednn": None, "onednn_at_run_time": "oneDNN qlinear", "int_mm": "torch._int_mm"}
+    if op[missing] is None:  # detected up front: nothing failed, nothing to announce
+        assert announced == []
+    else:  # one warning per op, not one per layer or call
+        assert len(announced) == 1 and op[missing] in announced[0], announced
+        assert f"no {missing} here" in announced[0]
     _assert_float32_match(logits, reference)
     assert torch.equal(logits.argmax(-1), reference.argmax(-1))
     stats = fast.integer_kernel.stats
@@ -242,11 +257,11 @@ def _log_quantizer(n_bits: int, q: int, scale: float = 1.0) -> LogQuantizer:
 
 def _tables(quant: LogQuantizer):
     if quant.kind != "adalog":
-        return _log_tables(None, "p", quant)
+        return log_tables(None, "p", quant)
     t1, _ = adalog_tables(quant.q, quant.n_bits)
     numerators = adalog_lut_numerators(quant.q, quant.n_bits)
     artifact = type("A", (), {"tensors": {"p.lut_numerators": numerators, "p.t1": t1}})()
-    return _log_tables(artifact, "p", quant)
+    return log_tables(artifact, "p", quant)
 
 
 def _fast_levels(quant: LogQuantizer) -> torch.Tensor:
@@ -392,7 +407,8 @@ def test_fast_kernel_batching_strides_and_fallbacks_are_exact(monkeypatch):
 
     monkeypatch.setattr(torch, "_int_mm", refuse)
     fallback = FastKernel()
-    check(fallback)
+    with pytest.warns(kernels_mod.KernelFallbackWarning, match="no int8 GEMM here"):
+        check(fallback)
     assert "no int8 GEMM" in fallback.fallback_reason and fallback.stats["int32_matmul_fallback"]
 
 
@@ -406,7 +422,7 @@ def quantized_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY224).eval()
     images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    adalog.quantize(model, images, AdaLogConfig.w4a4(**QUICK), False, model_kwargs=TINY224)
+    adalog.quantize(model, images, AdaLogConfig.w4a4(**QUICK), progress=False, model_kwargs=TINY224)
     qdir = tmp_path_factory.mktemp("q")
     adalog.save_quantized(model, qdir)
     return qdir
@@ -512,7 +528,7 @@ def test_cli_eval_refuses_bad_artifacts_and_combinations(
     assert main([*base, "--artifact", str(bad), "--engine", "fast"]) == 1
     assert "format version 2 is not supported" in capsys.readouterr().err
     assert main([*base, "--artifact", str(artifact_dir), "--model", "deit_tiny_patch16_224"]) == 1
-    assert "made for model 'vit_tiny_patch16_224'" in capsys.readouterr().err
+    assert "made for model 'vit_tiny_patch16_224." in capsys.readouterr().err
     assert main([*base, "--model", "vit_tiny_patch16_224", "--engine", "reference"]) == 1
     assert "reference engine runs integer artifacts" in capsys.readouterr().err
     assert main([*base, "--quantized", "q", "--artifact", str(artifact_dir)]) == 1
@@ -627,3 +643,75 @@ def test_cli_export_onnx_and_fp32_eval(quantized_dir: Path, random_deit_and_imag
     assert result["engine"] == "onnx" and result["linears"] == "ONNX Runtime fp32"
     plain = _eval(args[:4], data, tmp_path / "plain.json")
     assert (plain["top1"], plain["top5"]) == (result["top1"], result["top5"])
+
+
+# --- thread safety and kernel fallbacks -------------------------------------------------------
+
+
+def test_fast_model_is_thread_safe():
+    """One fast model called from two threads at once: every call gives exactly the logits of a
+    single-threaded call (scratch buffers shared between threads mixed their intermediates)."""
+    fast = build_integer_model(build_artifact(_quantized("adalog")), "fast")
+    inputs = [_images(n=4), torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(9))]
+    with torch.no_grad():
+        expected = [fast(x) for x in inputs]
+    assert _rel(expected[0], expected[1]) > 0.1  # a mix-up of the two inputs would show
+    start = threading.Barrier(len(inputs))
+
+    def run(k: int) -> list[torch.Tensor]:
+        start.wait()
+        with torch.no_grad():
+            return [fast(inputs[k]) for _ in range(40)]
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        results = list(pool.map(run, range(len(inputs))))
+    wrong = [sum(not torch.equal(o, expected[k]) for o in outs) for k, outs in enumerate(results)]
+    assert wrong == [0, 0]
+
+
+def _raise_op(message: str):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(message)
+
+    return refuse
+
+
+@pytest.mark.parametrize(
+    "op,target,attribute",
+    [
+        ("torch._int_mm", torch, "_int_mm"),
+        ("oneDNN qlinear", torch.ops.onednn, "qlinear_pointwise"),
+        ("oneDNN qlinear", torch.ops.onednn, "qlinear_prepack"),
+        ("oneDNN fp32 linear", torch.ops.mkldnn, "_linear_pointwise"),
+        ("oneDNN fp32 linear", torch.ops.mkldnn, "_reorder_linear_weight"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_kernel_fallback_warns_once_naming_the_op(monkeypatch, op: str, target, attribute: str):
+    """A failing op is replaced by the exact fallback for good, with one warning that names the
+    op and the error (it used to be silent), however often the op is reached afterwards."""
+    if op.startswith("oneDNN") and not kernels_mod._onednn_available():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(target, attribute, _raise_op(f"{attribute} refused by the test"))
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (5, 24), generator=g, dtype=torch.uint8)
+    w8 = torch.randint(-8, 8, (7, 24), generator=g, dtype=torch.int8)
+    w_scale, bias = torch.rand(7, generator=g) + 0.5, torch.randn(7, generator=g)
+    x = torch.randn(5, 24, generator=g)
+    integer = (codes.long() - 3) @ w8.long().t()  # x_zero = 3
+    want_q = integer.double() * 0.25 * w_scale.double() + bias.double()
+    want_f = x.double() @ w8.double().t() + bias.double()
+    kernel = FastKernel()
+    with pytest.warns(kernels_mod.KernelFallbackWarning) as record:
+        q_weight, f_weight = kernel.pack_int8(w8), kernel.pack_float(w8.float())
+        for _ in range(3):
+            got_q = kernel.qlinear(codes, 0.25, 3, q_weight, w_scale, bias)
+            got_f = kernel.linear_float(x, f_weight, bias)
+            got_mm = kernel.mm(codes.bitwise_xor(128).view(torch.int8), w8.t())
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    assert op in messages[0] and f"{attribute} refused by the test" in messages[0]
+    assert f"{attribute} refused by the test" in kernel.fallback_reason
+    torch.testing.assert_close(got_q.double(), want_q, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got_f.double(), want_f, rtol=1e-6, atol=1e-5)
+    assert torch.equal(got_mm.long(), (codes.long() - 128) @ w8.long().t())

@@ -1,18 +1,17 @@
 """adalog: post-training quantization of Vision Transformers with the AdaLog quantizer.
 
 import adalog
-qmodel = adalog.quantize(model, calib_images, adalog.AdaLogConfig.w4a4())
+qmodel = adalog.quantize(model, "calib_folder", adalog.AdaLogConfig.preset("w4a4-plus"))
 qmodel = adalog.reconstruct(qmodel, calib_images, adalog.ReconstructConfig.fast())  # optional
 adalog.save_quantized(qmodel, "qdir"); qmodel = adalog.load_quantized("qdir")
 """
 
-__version__ = "0.1.0"
-
-from adalog.config import AdaLogConfig  # noqa: E402
-from adalog.pipelines.calibrate import calibrate as quantize  # noqa: E402
-from adalog.pipelines.checkpoint import load_quantized, save_quantized  # noqa: E402
-from adalog.pipelines.reconstruct import reconstruct  # noqa: E402
-from adalog.recon.config import ReconstructConfig  # noqa: E402
+from adalog._version import __version__
+from adalog.config import AdaLogConfig
+from adalog.pipelines.calibrate import quantize
+from adalog.pipelines.checkpoint import load_quantized, save_quantized
+from adalog.pipelines.reconstruct import reconstruct
+from adalog.recon.config import ReconstructConfig
 
 __all__ = [
     "AdaLogConfig",

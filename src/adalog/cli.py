@@ -29,10 +29,59 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--model", required=required, help="timm model name, tags allowed")
+    parser.add_argument(
+        "--model",
+        required=required,
+        help="timm model name; a pretrained tag (e.g. vit_tiny_patch16_224.augreg_in21k) picks "
+        "the weights' preprocessing and classifier size, and is recorded in the checkpoint",
+    )
     parser.add_argument(
         "--weights", help="local .safetensors/.pth/.bin weights (default: timm hub download)"
     )
+    parser.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="timm constructor kwargs, e.g. '{\"num_classes\": 10}' (recorded in the checkpoint)",
+    )
+
+
+def _json_object(text: str) -> dict:
+    """argparse type of --model-kwargs: a JSON object."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object such as {"num_classes": 10}')
+    return value
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--preset or --config, then bit-width overrides (quantize and ablate)."""
+    parser.add_argument("--preset", choices=PRESETS, help=PRESET_HELP + " (default w4a4)")
+    parser.add_argument("--config", help="JSON/YAML config file (instead of --preset)")
+    for name, what in (("w", "weights"), ("a", "activations"), ("s", "post-Softmax quantizer")):
+        parser.add_argument(
+            f"--{name}-bits", type=int, metavar="N", help=f"bits of the {what} (2-8)"
+        )
+
+
+def _base_config(args: argparse.Namespace):
+    """The config named by --preset or --config, with the bit-width flags applied."""
+    from adalog.config import AdaLogConfig
+
+    if args.preset and args.config:
+        raise ConfigError("pass --preset or --config, not both (a config file sets every field)")
+    if args.config:
+        config = AdaLogConfig.load(args.config)
+    else:
+        config = AdaLogConfig.preset(args.preset or "w4a4")
+    bits = {f"{k}_bits": getattr(args, f"{k}_bits") for k in ("w", "a", "s")}
+    return config.with_overrides(**{k: v for k, v in bits.items() if v is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--calib-data", required=True, help="ImageNet-style folder of <wnid>/ images")
     qu.add_argument(
         "--calib-list",
-        help="file list of the calibration images (default: first calib_size images of the folder)",
+        help="file list of the calibration images (default: calib_size images drawn at random "
+        "under --seed, spread over the folder's sub-folders; listed in the checkpoint)",
     )
-    qu.add_argument("--preset", default="w4a4", choices=PRESETS, help=PRESET_HELP)
-    qu.add_argument("--config", help="JSON/YAML config file (replaces --preset)")
-    qu.add_argument("--seed", type=int, help="seed of the calibration augmentation and search")
+    _add_config_args(qu)
+    qu.add_argument(
+        "--seed", type=int, help="seed of the calibration selection, augmentation and search"
+    )
     qu.add_argument(
         "--eval-transform",
         action="store_true",
@@ -103,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="module searches of a block run at once, each on threads/N intra-op threads "
         "(default 1: one search at a time on all threads)",
     )
-    qu.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
+    qu.add_argument(
+        "--out",
+        required=True,
+        help="output folder for the quantized checkpoint (checked before any work; with "
+        "--reconstruct the calibrated model is saved first to OUT/calibrated)",
+    )
     qu.set_defaults(func=_cmd_quantize)
 
     ab = sub.add_parser(
@@ -122,8 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="variant sets: post-gelu, post-softmax, fpcs, log-scale",
     )
     ab.add_argument("--variants", nargs="+", help="run only these variant names")
-    ab.add_argument("--preset", default="w4a4", choices=PRESETS, help=PRESET_HELP)
-    ab.add_argument("--config", help="JSON/YAML base config (replaces --preset)")
+    _add_config_args(ab)
     ab.add_argument("--seed", type=int)
     ab.add_argument("--plot-block", type=int, help="block whose activations are plotted")
     ab.add_argument("--batch-size", type=int, default=64)
@@ -171,7 +226,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
             snap_weights_to_grid(model)
     elif args.model:
-        model, name = create_model(args.model, weights=args.weights), args.model
+        model = create_model(args.model, weights=args.weights, **args.model_kwargs)
+        name = args.model
         if args.engine == "fast":  # FP32 on the fast engine's oneDNN GEMMs
             from adalog.runtime.fast import onednn_linears
 
@@ -237,7 +293,6 @@ def _add_variant_args(parser: argparse.ArgumentParser) -> None:
         "--post-softmax", choices=POST_SOFTMAX_CHOICES, help="post-Softmax quantizer"
     )
     parser.add_argument("--post-gelu", choices=POST_GELU_CHOICES, help="post-GELU quantizer")
-    parser.add_argument("--s-bits", type=int, help="bits of the post-Softmax quantizer")
     parser.add_argument(
         "--no-bias-reparam",
         action="store_true",
@@ -277,7 +332,6 @@ def variant_overrides(args: argparse.Namespace) -> dict:
     overrides = {
         "post_softmax": args.post_softmax,
         "post_gelu": args.post_gelu,
-        "s_bits": args.s_bits,
         "log_scale_search": args.log_scale_search,
         "search_engine": args.search_engine,
         "weight_rounding": args.weight_rounding,
@@ -295,12 +349,11 @@ def variant_overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from adalog.config import AdaLogConfig
     from adalog.models import create_model
-    from adalog.pipelines.calibrate import calibrate, load_calibration_images
-    from adalog.pipelines.checkpoint import save_quantized
+    from adalog.pipelines.calibrate import calibrate, calibration_batch
+    from adalog.pipelines.checkpoint import check_output_folder, save_quantized
 
-    config = AdaLogConfig.load(args.config) if args.config else AdaLogConfig.preset(args.preset)
+    config = _base_config(args)
     overrides = variant_overrides(args)
     if args.seed is not None:
         overrides["seed"] = args.seed
@@ -319,20 +372,30 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         config = config.with_overrides(weight_rounding="nearest")
-    model = create_model(args.model, weights=args.weights)
-    images = load_calibration_images(model, args.calib_data, args.calib_list, config)
     if args.search_workers < 1:
         raise ConfigError(f"--search-workers must be at least 1, got {args.search_workers}")
-    calibrate(model, images, config, resume_dir=args.resume, search_workers=args.search_workers)
+    out = check_output_folder(args.out)
+    model = create_model(args.model, weights=args.weights, **args.model_kwargs)
+    images, record = calibration_batch(model, args.calib_data, args.calib_list, config)
+    calibrate(
+        model,
+        images,
+        config,
+        resume_dir=args.resume,
+        search_workers=args.search_workers,
+        calibration=record,
+    )
     if recon is not None:
         from adalog.pipelines.reconstruct import reconstruct
 
+        save_quantized(model, out / "calibrated")
+        print(f"saved the calibrated model to {out / 'calibrated'}; reconstructing")
         resume = None if args.resume is None else Path(args.resume) / "reconstruct"
         reconstruct(model, images, recon, resume_dir=resume)
-    save_quantized(model, args.out)
+    save_quantized(model, out)
     print(
         f"wrote quantized {args.model} ({config.w_bits}/{config.a_bits}/{config.s_bits} bits"
-        f"{', reconstructed' if recon is not None else ''}) to {args.out}"
+        f"{', reconstructed' if recon is not None else ''}) to {out}"
     )
 
 
@@ -347,10 +410,9 @@ def _reconstruct_config(args: argparse.Namespace):
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
-    from adalog.config import AdaLogConfig
     from adalog.pipelines.ablation import ablate, select_variants
 
-    base = AdaLogConfig.load(args.config) if args.config else AdaLogConfig.preset(args.preset)
+    base = _base_config(args)
     if args.seed is not None:
         base = base.with_overrides(seed=args.seed)
     variants = select_variants(args.sets, args.variants)
@@ -367,6 +429,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
         plot_block=args.plot_block,
         batch_size=args.batch_size,
         workers=args.workers,
+        model_kwargs=args.model_kwargs,
     )
     print(f"{len(results)}/{len(variants)} variants finished; tables and plots in {args.out}")
 

@@ -4,8 +4,10 @@ from adalog.data.imagenet import (
     ImageRecord,
     LabeledImageFolder,
     collate_skipping_bad,
+    list_images,
     read_file_list,
     scan_image_folder,
+    spread_sample,
 )
 from adalog.data.transforms import calibration_transform, eval_transform, model_data_config
 
@@ -15,7 +17,9 @@ __all__ = [
     "calibration_transform",
     "collate_skipping_bad",
     "eval_transform",
+    "list_images",
     "model_data_config",
     "read_file_list",
     "scan_image_folder",
+    "spread_sample",
 ]

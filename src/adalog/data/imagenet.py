@@ -7,6 +7,7 @@ folder's position, so any subset of classes keeps correct labels.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,51 @@ def scan_image_folder(
     if not records:
         raise DataError(f"no images selected in {root}")
     return records
+
+
+def list_images(root: str | Path, include: str | Path | None = None) -> list[Path]:
+    """The image files of ``root`` (any depth, sorted, no labels needed), or those of the
+    ``include`` file list, which must all be in ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    found = sorted(
+        f.resolve() for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if include is not None:
+        present = set(found)
+        wanted = list(dict.fromkeys(read_file_list(include)))
+        absent = [str(p) for p in wanted if p not in present]
+        if absent:
+            raise DataError(
+                f"{len(absent)} images of list {include} are not in {root}: {', '.join(absent[:5])}"
+            )
+        found = wanted
+    if not found:
+        raise DataError(f"no images found in {root}")
+    return found
+
+
+def spread_sample(paths: list[Path], size: int, seed: int) -> list[Path]:
+    """``size`` of ``paths`` drawn at random under ``seed`` and spread over their folders: one
+    image of each folder (in shuffled order) before a second of any, so a class-sorted folder
+    such as ImageNet's validation set gives as many classes as possible."""
+    if size >= len(paths):
+        return list(paths)
+    rng = random.Random(seed)
+    groups: dict[Path, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(path.parent, []).append(path)
+    queues = list(groups.values())
+    for queue in queues:
+        rng.shuffle(queue)
+    rng.shuffle(queues)
+    picked: list[Path] = []
+    for rank in range(max(len(q) for q in queues)):
+        picked += [q[rank] for q in queues if rank < len(q)]
+        if len(picked) >= size:
+            break
+    return picked[:size]
 
 
 def _apply_lists(

@@ -9,8 +9,14 @@ from torch import nn
 
 
 def model_data_config(model: nn.Module) -> dict[str, Any]:
-    """input_size, interpolation, mean, std, crop_pct, crop_mode of the model's pretrained cfg."""
-    return resolve_model_data_config(model)
+    """input_size, interpolation, mean, std, crop_pct, crop_mode of the model's pretrained cfg;
+    the input size is the one the model was built for (timm keeps the tag's size in the cfg
+    when ``img_size`` is passed as a kwarg)."""
+    cfg = dict(resolve_model_data_config(model))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and tuple(cfg["input_size"][1:]) != tuple(img_size):
+        cfg["input_size"] = (cfg["input_size"][0], *img_size)
+    return cfg
 
 
 def eval_transform(model: nn.Module):

@@ -60,6 +60,7 @@ def create_model(
         ) from exc
     if weights is not None:
         load_weights(model, weights)
+    model.adalog_model_kwargs = dict(kwargs)  # recorded in checkpoints, so a reload rebuilds it
     return model.eval()
 
 

@@ -15,6 +15,7 @@ Their ``calib_seconds`` counts only that work; ``searched`` says what was search
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import time
@@ -29,7 +30,13 @@ from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.io import atomic_write_json, atomic_write_text
 from adalog.pipelines.calibrate import Reuse, calibrate, load_calibration_images
-from adalog.pipelines.checkpoint import read_progress_state
+from adalog.pipelines.runstore import (
+    check_fingerprint,
+    model_identity,
+    read_progress_state,
+    run_fingerprint,
+    tensor_digest,
+)
 
 
 @dataclass(frozen=True)
@@ -145,13 +152,24 @@ def run_ablation(
     evaluate: Evaluator,
     inspect: Inspector | None = None,
     progress: bool = True,
+    eval_data: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run each unfinished variant and return all finished results in ``variants`` order.
 
     ``make_model`` builds a fresh FP model, ``evaluate`` returns at least ``top1``/``top5``, and
     ``inspect`` may add per-variant details (e.g. the representable levels for the plots).
+    Every result carries the run's fingerprint (model with tag, kwargs and weights digest, base
+    config, calibration images, ``eval_data``: what ``evaluate`` scores on); finished results
+    of another run in ``out_dir`` are refused, naming what differs, instead of being reused.
     """
     out_dir = Path(out_dir)
+    fingerprint = run_fingerprint(
+        model_identity(make_model()),
+        config=base,
+        images_sha256=tensor_digest([images]),
+        eval_data=eval_data or {},
+    )
+    check_finished(out_dir, fingerprint)
     (out_dir / "variants").mkdir(parents=True, exist_ok=True)
     base_state = None
     for variant in variants:
@@ -177,12 +195,21 @@ def run_ablation(
             "calib_seconds": seconds,
             "searched": "all" if suffixes is None else ", ".join(f"*.{x}" for x in suffixes),
             **evaluate(model),
+            "fingerprint": fingerprint,
         }
         if inspect is not None:
             result["details"] = inspect(model)
         atomic_write_json(path, result)
         write_tables(out_dir, all_results(out_dir))
     return load_results(out_dir, variants)
+
+
+def check_finished(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse a run folder whose finished variants were made by another run (another model,
+    weights, base config, calibration images or evaluation set)."""
+    for path in sorted((out_dir / "variants").glob("*.json")):
+        saved = json.loads(path.read_text()).get("fingerprint", {})
+        check_fingerprint(saved, fingerprint, path)
 
 
 def _base_calibration(
@@ -339,6 +366,13 @@ def _pivot(rows: list[dict[str, Any]], row_key: Callable, col_key: Callable, cor
     return lines + [""]
 
 
+def eval_set_identity(records: list) -> dict[str, Any]:
+    """Which images (file names and labels) an evaluation scores: part of an ablation's
+    fingerprint, so a rerun on another set is not mixed with earlier results."""
+    lines = "\n".join(f"{r.path.parent.name}/{r.path.name}\t{r.label}" for r in records)
+    return {"n": len(records), "files_sha256": hashlib.sha256(lines.encode()).hexdigest()}
+
+
 def ablate(
     model_name: str,
     weights: str | None,
@@ -352,6 +386,7 @@ def ablate(
     plot_block: int | None = None,
     batch_size: int = 64,
     workers: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The ``adalog ablate`` job: run the variants on one model, then write tables and plots."""
     from adalog.models import create_model
@@ -364,11 +399,12 @@ def ablate(
     )
 
     def make_model() -> nn.Module:
-        return create_model(model_name, weights=weights)
+        return create_model(model_name, weights=weights, **(model_kwargs or {}))
 
     probe = make_model()
     images = load_calibration_images(probe, calib_data, calib_list, base)
     loader = build_eval_loader(probe, data, exclude=exclude, batch_size=batch_size, workers=workers)
+    eval_data = eval_set_identity(loader.dataset.records)
     n_blocks = sum(1 for name, _ in probe.named_modules() if name.endswith(".fc2"))
     block = plot_block if plot_block is not None else n_blocks // 2
 
@@ -376,9 +412,13 @@ def ablate(
         result = evaluate(model, loader, name=model_name)
         return {"top1": result.top1, "top5": result.top5, "n": result.n}
 
-    if read_fp32(out_dir) is None:  # the reference line of the tables and the bar chart
+    fp32_fingerprint = run_fingerprint(model_identity(probe), eval_data=eval_data)
+    fp32 = read_fp32(out_dir)
+    if fp32 is None:  # the reference line of the tables and the bar chart
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(out_dir) / FP32_FILE, score(make_model()))
+        fp32 = score(make_model()) | {"fingerprint": fp32_fingerprint}
+        atomic_write_json(Path(out_dir) / FP32_FILE, fp32)
+    check_fingerprint(fp32.get("fingerprint", {}), fp32_fingerprint, Path(out_dir) / FP32_FILE)
     results = run_ablation(
         out_dir,
         variants,
@@ -387,6 +427,7 @@ def ablate(
         images,
         score,
         inspect=lambda model: {"block": block, **quantizer_values(model, block)},
+        eval_data=eval_data,
     )
     out_dir = Path(out_dir)
     finished = all_results(out_dir)  # this invocation's variants and earlier ones

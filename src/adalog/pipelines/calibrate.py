@@ -3,14 +3,14 @@ module's search (§5.7), fold post-LayerNorm scales (§3) and the post-GELU shif
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,16 +18,25 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from adalog.config import AdaLogConfig
-from adalog.data import LabeledImageFolder, calibration_transform, scan_image_folder
-from adalog.errors import DataError
+from adalog.data import (
+    ImageRecord,
+    LabeledImageFolder,
+    calibration_transform,
+    list_images,
+    model_data_config,
+    spread_sample,
+)
+from adalog.errors import ConfigError, DataError
 from adalog.models.hooks import StopForward, forward_batches, forward_hooks
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
 from adalog.models.rotation import rotate_value_heads
 from adalog.models.wrap import Target, wrap_model
-from adalog.pipelines.checkpoint import (
+from adalog.pipelines.checkpoint import quantization_meta
+from adalog.pipelines.runstore import (
     load_partial_state,
     load_progress,
-    quantization_meta,
+    model_identity,
+    run_fingerprint,
     save_progress,
     tensor_digest,
 )
@@ -59,20 +68,113 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Calibration images: a ready (N, 3, H, W) tensor, a folder, or a list of image files.
+CalibrationData = Tensor | str | Path | Sequence[str | Path]
+
+
+def calibration_batch(
+    model: nn.Module,
+    data: str | Path | Sequence[str | Path],
+    list_file: str | Path | None,
+    config: AdaLogConfig,
+) -> tuple[Tensor, dict[str, Any]]:
+    """The calibration batch ``(N, 3, H, W)`` and a record of it for the checkpoint.
+
+    ``data`` is a folder (any layout; class sub-folders not needed) or a list of image files.
+    From a folder: the images of ``list_file``, or else ``config.calib_size`` images drawn under
+    ``config.seed`` and spread over its sub-folders (:func:`adalog.data.spread_sample`; the
+    first files in sorted order would be one ImageNet class). Each image goes through the
+    seeded calibration transform (§6.1): training augmentation, or the eval transform when
+    ``config.calib_augment`` is off.
+    """
+    if isinstance(data, (str, Path)):
+        root = Path(data)
+        paths = list_images(root, list_file)
+        selection = "list" if list_file is not None else "all"
+        if list_file is None and len(paths) > config.calib_size:
+            paths = spread_sample(paths, config.calib_size, config.seed)
+            selection = f"random, spread over folders (seed {config.seed})"
+    else:
+        if list_file is not None:
+            raise DataError("a list file selects images of a folder; got a list of images")
+        paths = [Path(p).resolve() for p in data]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if not paths or missing:
+            raise DataError(f"calibration images not found: {', '.join(missing[:5]) or 'none'}")
+        root, selection = None, "given files"
+    seed_everything(config.seed)
+    transform = calibration_transform(model, config.calib_augment)
+    dataset = LabeledImageFolder([ImageRecord(p, -1) for p in paths], transform)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    record = {
+        "source": str(root) if root is not None else None,
+        "list": str(list_file) if list_file is not None else None,
+        "selection": selection,
+        "images": [_relative(p, root) for p in paths],
+        "transform": (
+            f"training augmentation (seed {config.seed})" if config.calib_augment else "eval"
+        ),
+    }
+    return images, record
+
+
 def load_calibration_images(
     model: nn.Module,
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     list_file: str | Path | None,
     config: AdaLogConfig,
 ) -> Tensor:
-    """The calibration batch ``(N, 3, H, W)``: the listed images (or the first ``calib_size``
-    of the folder), transformed once with the seeded calibration transform (§6.1)."""
-    records = scan_image_folder(data, include=list_file)
-    if list_file is None:
-        records = records[: config.calib_size]
-    seed_everything(config.seed)
-    dataset = LabeledImageFolder(records, calibration_transform(model, config.calib_augment))
-    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+    """The calibration batch of :func:`calibration_batch`, without its record."""
+    return calibration_batch(model, data, list_file, config)[0]
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    if root is not None and path.is_relative_to(root.resolve()):
+        return str(path.relative_to(root.resolve()))
+    return str(path)
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: CalibrationData,
+    config: AdaLogConfig | None = None,
+    *,
+    calib_list: str | Path | None = None,
+    progress: bool = True,
+    resume_dir: str | Path | None = None,
+    search_workers: int = 1,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Quantize ``model`` in place with AdaLog and return it (``adalog.quantize``).
+
+    ``calib_data`` is a folder or a list of image files, turned into the calibration batch
+    exactly as ``adalog quantize`` does (:func:`calibration_batch`: ``calib_size``, seeded
+    selection and transform, ``calib_augment``), or a ready ``(N, 3, H, W)`` tensor, used as
+    it is (the checkpoint then records a tensor source, not a selection or transform).
+    ``config`` defaults to the reference W4A4 preset. ``resume_dir`` saves progress after every
+    block; rerunning the same call continues there (progress of another run is refused).
+    ``model_kwargs`` declares timm constructor kwargs for a model not built by
+    :func:`adalog.models.create_model` (which records them), so the checkpoint can rebuild it.
+    """
+    config = AdaLogConfig() if config is None else config
+    if isinstance(calib_data, Tensor):
+        if calib_list is not None:
+            raise DataError("calib_list selects images of a folder; got a tensor")
+        images, record = calib_data, {"source": "tensor", "selection": "given tensor"}
+    else:
+        images, record = calibration_batch(model, calib_data, calib_list, config)
+    if search_workers < 1:
+        raise ConfigError(f"search_workers must be at least 1, got {search_workers}")
+    return calibrate(
+        model,
+        images,
+        config,
+        progress=progress,
+        model_kwargs=model_kwargs,
+        resume_dir=resume_dir,
+        search_workers=search_workers,
+        calibration=record,
+    )
 
 
 def _run_capture(model: nn.Module, images: Tensor, batch_size: int, targets, stop_after):
@@ -105,14 +207,19 @@ def calibrate(
     resume_dir: str | Path | None = None,
     reuse: Reuse | None = None,
     search_workers: int = 1,
+    calibration: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode.
+    """Wrap ``model`` in place, calibrate it on ``images`` and return it in quant mode (the
+    engine behind :func:`quantize`, with the hooks benchmarks and ablations need).
 
     ``model_kwargs`` are the timm constructor arguments beyond the name, recorded so that a
-    saved checkpoint can rebuild the same architecture. ``timings``, when given, receives the
+    saved checkpoint can rebuild the same architecture (default: those
+    :func:`adalog.pipelines.runstore.model_kwargs_of` finds); ``calibration`` describes where
+    ``images`` came from, for the checkpoint. ``timings``, when given, receives the
     wall seconds of every module's search and of the FP capture passes (key ``"capture"``).
     With ``resume_dir`` the state is saved there after every block, and a rerun with the same
-    model, config and images continues after the last saved block: every module is calibrated
+    model (name, tag, kwargs, starting weights), config and images continues after the last
+    saved block (another run's progress is refused, naming what differs): every module is calibrated
     on FP captures, so the result is the same as an uninterrupted run. With ``reuse`` only the
     modules it names are searched; every other module takes its result from ``reuse.state``.
     With ``config.weight_rounding == "gptq"`` the weights are re-rounded after the last block
@@ -132,6 +239,11 @@ def calibrate(
         )
     seed_everything(config.seed)
     model.eval()
+    identity = model_identity(model)  # before rotation and folds change the weights
+    if model_kwargs is not None:
+        identity["model_kwargs"] = dict(model_kwargs)
+    images_sha256 = tensor_digest([images])
+    data_config = model_data_config(model)
     if config.rotate_values:
         rotate_value_heads(model)
     targets = wrap_model(model, config)
@@ -146,10 +258,9 @@ def calibrate(
         engine=config.search_engine,
     )
     blocks = list(dict.fromkeys(t.block for t in targets))
-    name = model.pretrained_cfg.get("architecture", type(model).__name__)
     done: list[str] = []
-    if resume_dir is not None:  # hashing the images is only needed to match saved progress
-        fingerprint = _fingerprint(name, config, model_kwargs, images)
+    if resume_dir is not None:
+        fingerprint = run_fingerprint(identity, config=config, images_sha256=images_sha256)
         done = load_progress(model, resume_dir, fingerprint)
     bar = tqdm(
         total=len(targets),
@@ -198,7 +309,11 @@ def calibrate(
         timings["gptq"] = time.perf_counter() - start
     set_quant_mode(model, True)
     fold_post_gelu_shift(model)
-    model.adalog_meta = quantization_meta(name, config, model_kwargs)
+    calibration = (calibration or {"source": "tensor", "selection": "given tensor"}) | {
+        "n": images.shape[0],
+        "images_sha256": images_sha256,
+    }
+    model.adalog_meta = quantization_meta(identity, config, data_config, calibration)
     return model
 
 
@@ -249,18 +364,6 @@ def _intra_op_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _fingerprint(name: str, config: AdaLogConfig, model_kwargs, images: Tensor) -> dict:
-    """What must match for saved calibration progress to be resumed."""
-    digest = tensor_digest([images])
-    fingerprint = {
-        "model": name,
-        "model_kwargs": model_kwargs or {},
-        "config": config.to_dict(),
-        "images_sha256": digest,
-    }
-    return json.loads(json.dumps(fingerprint))  # as it reads back from progress.json
 
 
 def _calibrate_target(

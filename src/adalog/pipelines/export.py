@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from adalog import __version__
+from adalog._version import __version__
 from adalog.config import AdaLogConfig
 from adalog.errors import ArtifactError, WeightsError
 from adalog.io import atomic_write, atomic_write_json

@@ -24,10 +24,12 @@ from tqdm import tqdm
 from adalog.errors import ConfigError, DataError
 from adalog.models.qmodules import QuantLinear, set_quant_mode
 from adalog.pipelines.calibrate import fold_post_gelu_shift
-from adalog.pipelines.checkpoint import (
+from adalog.pipelines.runstore import (
     load_progress,
     read_progress_extras,
+    run_fingerprint,
     save_progress,
+    state_digest,
     tensor_digest,
 )
 from adalog.quant import LogQuantizer
@@ -158,12 +160,12 @@ class _Generators:
 def _fingerprint(model: nn.Module, config: ReconstructConfig, images: Tensor) -> dict:
     """What must match for saved reconstruction progress to be resumed: the starting model
     (its whole state), the config and the images."""
-    state = model.state_dict()
-    return {
-        "reconstruct": config.to_dict(),
-        "start_state_sha256": tensor_digest([state[k] for k in sorted(state)]),
-        "images_sha256": tensor_digest([images]),
-    }
+    return run_fingerprint(
+        {},
+        reconstruct=config,
+        start_state_sha256=state_digest(model),
+        images_sha256=tensor_digest([images]),
+    )
 
 
 def _resume(

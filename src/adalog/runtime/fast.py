@@ -38,8 +38,10 @@ dev-rest images: W4A4 artifact, same argmax as the reference on 82.7 % (the fake
 75.0 %), top-1 0.560 vs 0.562; a W8A8 artifact (reduced search), 96.6 % (fake-quant: 96.8 %),
 top-1 0.821 vs 0.818.
 
-Workspaces: large intermediates live in buffers of the shared :class:`FastKernel` (reused across
-layers and calls), so one model must not run two forwards at once.
+Workspaces: large intermediates live in scratch buffers of the model's :class:`FastKernel`,
+reused across layers and calls and kept per thread, so several threads may call one model at
+once (each gets the logits of a single-threaded call). The modules hold no other state that a
+forward changes.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ from adalog.models.qmodules import QuantLinear, QuantMatMul, QuantViTAttention
 from adalog.pipelines.export import Artifact
 from adalog.quant import LogQuantizer, UniformQuantizer
 from adalog.quant.log import _U_MIN, ADALOG_R
-from adalog.quant.packing import unpack_codes
-from adalog.runtime.integer import IntLinear, _log_tables
+from adalog.runtime.artifact import log_tables, weight_codes
+from adalog.runtime.integer import IntLinear
 from adalog.runtime.kernels import MAX_FAST_K, FastKernel
 
 __all__ = [
@@ -87,7 +89,7 @@ def uniform_codes(
 def log_levels(artifact: Artifact | None, prefix: str, quant: LogQuantizer) -> Tensor:
     """float32 level of every log code in units of the scale (zero state, code N, last):
     ``(D·T2[k])/D · 2^(-T1[k])``, times √2 for odd Log-√2 codes; exact in float64, then rounded."""
-    numerators, shifts, denominator = _log_tables(artifact, prefix, quant)
+    numerators, shifts, denominator = log_tables(artifact, prefix, quant)
     levels = numerators.double() / denominator * torch.exp2(-shifts.double())
     if quant.kind == "logsqrt2":
         odd = torch.arange(quant.n_levels) % 2 == 1
@@ -124,16 +126,6 @@ def fast_log_codes(x: Tensor, quant: LogQuantizer, out: Tensor | None = None) ->
     return _round_to_index(e)
 
 
-def _weight_codes(artifact: Artifact, name: str) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Raw weight codes ``[O, K]`` (int64), rounded zero points and scales ``[O]``, bits."""
-    info = artifact.meta["layers"][name]
-    shape, bits = info["weight_shape"], info["w_bits"]
-    raw = unpack_codes(artifact.tensors[f"{name}.weight.codes"], bits, math.prod(shape))
-    zero = torch.round(artifact.tensors[f"{name}.weight_quant.zero_point"].reshape(-1))
-    scale = artifact.tensors[f"{name}.weight_quant.scale"].reshape(-1).to(torch.float32)
-    return raw.reshape(shape[0], -1), zero.to(torch.int64), scale, bits
-
-
 def _int8_rows(raw: Tensor, zero: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
     """Weight codes as int8-range rows: ``raw - z`` when that fits (widths <= 7 bits), else the
     centred ``raw - 2^(b-1)`` with the centred zero point ``z - 2^(b-1)`` (8-bit weights)."""
@@ -154,7 +146,8 @@ class FastLinear(nn.Module):
         self.kernel = kernel
         self.in_features, self.out_features = module.in_features, module.out_features
         self.fuse_gelu = False
-        raw, w_zero, w_scale, w_bits = _weight_codes(artifact, name)
+        weight = weight_codes(artifact, name)
+        raw, w_zero, w_scale, w_bits = weight.rows, weight.zero, weight.scale, weight.bits
         bias = None if module.bias is None else module.bias.detach().to(torch.float32).clone()
         quant = module.input_quant
         # int8 weight codes [O, K] and, when they do not fit with the zero point folded in

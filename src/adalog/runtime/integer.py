@@ -1,7 +1,8 @@
 """Integer reference executor: run an exported artifact with integer products (issue 7).
 
 The model keeps its timm structure (built by :func:`adalog.pipelines.export.fake_quant_model`),
-and every quantized product is swapped for an integer one built from the artifact: the packed
+and every quantized product is swapped for an integer one (by
+:func:`adalog.runtime.builder.build_integer_model`) built from the artifact: the packed
 weight codes, the per-row weight scales/zero points and the activation quantizers' parameters.
 The FP32 weights are not used (the replacements hold none).
 
@@ -65,7 +66,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,11 +73,11 @@ from torch import Tensor, nn
 
 from adalog.errors import ArtifactError
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul
-from adalog.pipelines.export import Artifact, fake_quant_model, read_artifact
+from adalog.pipelines.export import Artifact
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
-from adalog.quant.log import _U_MIN, ADALOG_R, adalog_denominator, adalog_lut_numerators
-from adalog.quant.packing import unpack_codes
-from adalog.runtime.kernels import IntKernel, make_kernel
+from adalog.quant.log import _U_MIN, ADALOG_R
+from adalog.runtime.artifact import log_tables, weight_codes
+from adalog.runtime.kernels import IntKernel
 
 __all__ = [
     "FRACTION_BITS_MAX",
@@ -85,9 +85,7 @@ __all__ = [
     "IntConv2d",
     "IntLinear",
     "IntMatMul",
-    "build_integer_model",
     "int_bilinear",
-    "load_integer_model",
 ]
 
 FRACTION_BITS_MAX = 24
@@ -240,27 +238,6 @@ class LogCoder(nn.Module):
         return Coded(codes, [None] * len(codes), mults, self.offset)
 
 
-def _log_tables(artifact: Artifact, prefix: str, quant: LogQuantizer) -> tuple[Tensor, Tensor, int]:
-    """LUT numerators ``n_k``, shifts ``t_k`` and denominator D of a log quantizer's codes."""
-    codes = torch.arange(quant.n_levels)
-    if quant.kind == "log2":
-        return torch.ones_like(codes), codes, 1
-    if quant.kind == "logsqrt2":
-        return torch.ones_like(codes), torch.div(codes + 1, 2, rounding_mode="floor"), 1
-    numerators = artifact.tensors.get(f"{prefix}.lut_numerators")
-    shifts = artifact.tensors.get(f"{prefix}.t1")
-    q = int(quant.q)
-    if numerators is None or shifts is None:
-        raise ArtifactError(f"{prefix}: AdaLog LUT numerators or T1 shifts missing")
-    expected_t1 = torch.div(codes * q, ADALOG_R, rounding_mode="floor")
-    numerators, shifts = numerators.to(torch.int64), shifts.to(torch.int64)
-    if not torch.equal(numerators, adalog_lut_numerators(q, quant.n_bits)):
-        raise ArtifactError(f"{prefix}: LUT numerators do not match q = {q}")
-    if not torch.equal(shifts, expected_t1):
-        raise ArtifactError(f"{prefix}: T1 shifts do not match q = {q}")
-    return numerators, shifts, adalog_denominator(quant.n_bits)
-
-
 def _coder(artifact: Artifact, prefix: str, quant: nn.Module | None, kernel: IntKernel):
     """The integer coder of an activation quantizer, or ``None`` for a float input."""
     if quant is None or getattr(quant, "is_identity", False):
@@ -270,7 +247,7 @@ def _coder(artifact: Artifact, prefix: str, quant: nn.Module | None, kernel: Int
     if isinstance(quant, TwinUniformQuantizer):
         return TwinCoder(quant, kernel.code_dtype)
     if isinstance(quant, LogQuantizer):
-        return LogCoder(quant, _log_tables(artifact, prefix, quant), kernel)
+        return LogCoder(quant, log_tables(artifact, prefix, quant), kernel)
     raise ArtifactError(f"{prefix}: no integer execution for {type(quant).__name__}")
 
 
@@ -279,17 +256,13 @@ class _IntWeight(nn.Module):
 
     def __init__(self, artifact: Artifact, name: str, kernel: IntKernel) -> None:
         super().__init__()
-        info = artifact.meta["layers"][name]
-        shape, bits = info["weight_shape"], info["w_bits"]
-        raw = unpack_codes(artifact.tensors[f"{name}.weight.codes"], bits, math.prod(shape))
-        rows = raw.reshape(shape[0], -1)
-        half = 2 ** (bits - 1)
-        zero = torch.round(artifact.tensors[f"{name}.weight_quant.zero_point"].reshape(-1))
-        scale = artifact.tensors[f"{name}.weight_quant.scale"].reshape(-1).to(torch.float32)
-        self.shape = shape
-        self.register_buffer("codes", (rows - half).t().contiguous().to(kernel.code_dtype), False)
-        self.register_buffer("zero", (zero - half).long(), persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
+        weight = weight_codes(artifact, name)
+        half = 2 ** (weight.bits - 1)
+        self.shape = weight.shape
+        codes = (weight.rows - half).t().contiguous().to(kernel.code_dtype)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("zero", weight.zero - half, persistent=False)
+        self.register_buffer("scale", weight.scale, persistent=False)
         colsum = self.codes.sum(0, keepdim=True, dtype=torch.int64)
         self.register_buffer("colsum", colsum, persistent=False)
 
@@ -367,58 +340,3 @@ class IntMatMul(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return int_bilinear(self.a_coder(a), self.b_coder(b), self.kernel)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, module)
-
-
-def build_integer_model(
-    artifact: Artifact, engine: str = "reference", dtype: torch.dtype = torch.float32
-) -> nn.Module:
-    """The artifact's model with every quantized product executed in integers.
-
-    ``engine``: ``reference`` (this module, exact int64 ``torch.matmul``) or ``fast``
-    (:mod:`adalog.runtime.fast`: int8 GEMMs, float LUTs for log operands, fused ViT blocks;
-    float32 only, equal up to float32 rounding). CPU only. ``dtype`` is the float type of the
-    parts that stay float (float64 only to verify against a float64 fake-quant model without
-    float32 rounding noise). ``model.integer_kernel.stats`` counts GEMM calls per kernel path.
-    """
-    kernel = make_kernel(engine)
-    if engine == "fast" and dtype != torch.float32:
-        raise ValueError("the fast engine runs in float32 only")
-    model = fake_quant_model(artifact)
-    replacements = {QuantLinear: IntLinear, QuantConv2d: IntConv2d, QuantMatMul: IntMatMul}
-    if engine == "fast":
-        from adalog.runtime.fast import FastMatMul, fast_linear
-
-        replacements.update({QuantLinear: fast_linear, QuantMatMul: FastMatMul})
-    for name, module in list(model.named_modules()):
-        build = replacements.get(type(module))
-        if build is not None:
-            _set_submodule(model, name, build(artifact, name, module, kernel))
-    if engine == "fast":
-        from adalog.runtime.fast import fuse_model
-
-        fuse_model(model)
-    model.integer_kernel = kernel
-    return model.to(dtype).eval().requires_grad_(False)
-
-
-def load_integer_model(
-    art_dir: str | Path,
-    engine: str = "reference",
-    expected_model: str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> nn.Module:
-    """Read and validate the artifact in ``art_dir`` (:func:`read_artifact`) and build its
-    integer model; ``expected_model`` guards against running another architecture's artifact."""
-    artifact = read_artifact(art_dir)
-    found = artifact.meta["model"]
-    if expected_model is not None and expected_model.split(".")[0] != found.split(".")[0]:
-        raise ArtifactError(
-            f"artifact {art_dir} was made for model '{found}', not '{expected_model}'"
-        )
-    return build_integer_model(artifact, engine, dtype)

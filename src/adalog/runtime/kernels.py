@@ -18,25 +18,48 @@
   inputs) use ``_int_mm`` as well. Where an op is missing (a torch build without oneDNN, a CPU
   without an int8 GEMM) the kernel falls back, once and for good, to ``_int_mm`` and then to an
   exact int32 ``torch.matmul``, and records why (``fallback_reason``; ``stats`` counts calls
-  per path). int32 accumulation is exact for ``K <= MAX_FAST_K``: ``|Σ a·b| <= K·2^15``
-  (uint8 x int8) and the generic path's zero-point corrections ``<= K·2^16`` (centred codes,
-  zero points within ±128); larger K takes the int64 path.
+  per path). An op that raises also gets one :class:`KernelFallbackWarning` per op and kernel
+  naming the error: the fallback is exact but slower, and the errors caught include
+  ``TypeError``/``AttributeError``, which may be a bug rather than a missing op (a torch build
+  without oneDNN is detected up front and does not warn). int32 accumulation is exact for
+  ``K <= MAX_FAST_K``: ``|Σ a·b| <= K·2^15`` (uint8 x int8) and the generic path's zero-point
+  corrections ``<= K·2^16`` (centred codes, zero points within ±128); larger K takes the int64
+  path.
+
+Threads: one model may be called from several threads at once. Scratch buffers are per thread
+(:meth:`FastKernel.buffer`), the call counters and the fallback switches are updated under a
+lock; nothing else in a kernel or in the fast engine's modules changes during a forward.
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
 from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ENGINES", "MAX_FAST_K", "FastKernel", "IntKernel", "ReferenceKernel", "make_kernel"]
+__all__ = [
+    "ENGINES",
+    "MAX_FAST_K",
+    "FastKernel",
+    "IntKernel",
+    "KernelFallbackWarning",
+    "ReferenceKernel",
+    "make_kernel",
+]
 
 ENGINES = ("reference", "fast")
 MAX_FAST_K = 2**14
 _FALLBACK_ERRORS = (RuntimeError, AttributeError, NotImplementedError, TypeError)
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """An op of the fast kernel failed and an exact but slower fallback replaces it."""
 
 
 class IntKernel:
@@ -48,6 +71,11 @@ class IntKernel:
 
     def __init__(self) -> None:
         self.stats: dict[str, int] = {}
+        self._init_thread_state()
+
+    def _init_thread_state(self) -> None:
+        """The lock that guards ``stats`` (and a FastKernel's fallback state) across threads."""
+        self._lock = threading.Lock()
 
     def plane_tables(self, values: Tensor) -> list[Tensor]:
         """Split a table of non-negative integers into per-plane tables."""
@@ -72,7 +100,16 @@ class IntKernel:
         return torch.matmul(a, b.to(torch.int64)), a.sum(-1, keepdim=True)
 
     def _count(self, key: str, n: int = 1) -> None:
-        self.stats[key] = self.stats.get(key, 0) + n
+        with self._lock:  # a read-modify-write: unlocked, concurrent forwards lose counts
+            self.stats[key] = self.stats.get(key, 0) + n
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable / deep-copyable: locks and per-thread state are left out, rebuilt empty."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_local")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_thread_state()
 
 
 class ReferenceKernel(IntKernel):
@@ -113,23 +150,46 @@ class FastKernel(IntKernel):
         self.fallback_reason: str | None = None
         self.use_onednn = _onednn_available()
         self.use_int_mm = True
-        self._buffers: dict[str, Tensor] = {}
+        self._warned: set[str] = set()  # ops whose fallback has been announced
+
+    def _init_thread_state(self) -> None:
+        super()._init_thread_state()
+        self._local = threading.local()  # .buffers: this thread's scratch tensors by tag
 
     def buffer(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """A reused scratch tensor (uninitialised) for the intermediate ``tag``.
+        """A reused scratch tensor (uninitialised) of the calling thread for intermediate ``tag``.
 
         Large temporaries are reused across calls and layers instead of being allocated anew:
         fresh multi-MB allocations cost page faults, about a fifth of the runtime at batch 32.
-        Only for values that die inside one layer's forward (so a model is not re-entrant).
+        Only for values that die inside one layer's forward (a forward must not nest in
+        another on the same thread). Per thread, so that concurrent forwards of one model do not
+        overwrite each other's intermediates; each calling thread holds its own set (about
+        110 MB for ViT-Tiny at batch 32: four [B, H, N, N] attention buffers and both of fc2's
+        inputs), freed when the thread ends.
         """
-        buf = self._buffers.get(tag)
+        try:
+            buffers = self._local.buffers
+        except AttributeError:
+            buffers = self._local.buffers = {}
+        buf = buffers.get(tag)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._buffers[tag] = torch.empty(shape, dtype=dtype)
+            buf = buffers[tag] = torch.empty(shape, dtype=dtype)
         return buf
 
-    def _fall_back(self, what: str, exc: BaseException) -> None:
-        if self.fallback_reason is None:
-            self.fallback_reason = f"{what} unavailable: {exc}".splitlines()[0]
+    def _fall_back(self, op: str, exc: BaseException, instead: str) -> None:
+        """Record why ``op`` is no longer used and warn, once per op and kernel."""
+        with self._lock:
+            if self.fallback_reason is None:
+                self.fallback_reason = f"{op} unavailable: {exc}".splitlines()[0]
+            if op in self._warned:
+                return
+            self._warned.add(op)
+        warnings.warn(
+            f"fast kernel: {op} failed ({type(exc).__name__}: {exc}); using {instead} instead "
+            "(exact, slower)",
+            KernelFallbackWarning,
+            stacklevel=3,
+        )
 
     # --- generic single-plane path (int_bilinear) ----------------------------------------------
 
@@ -160,7 +220,7 @@ class FastKernel(IntKernel):
                 self._count("int_mm")
                 return out
             except _FALLBACK_ERRORS as exc:
-                self._fall_back("torch._int_mm", exc)
+                self._fall_back("torch._int_mm", exc, "an int32 torch.matmul")
                 self.use_int_mm = False
         self._count("int32_matmul_fallback")
         return torch.matmul(a8.to(torch.int32), b8.to(torch.int32), out=out)
@@ -190,7 +250,7 @@ class FastKernel(IntKernel):
             try:
                 packed = torch.ops.onednn.qlinear_prepack(w8, None)
             except _FALLBACK_ERRORS as exc:
-                self._fall_back("oneDNN qlinear", exc)
+                self._fall_back("oneDNN qlinear", exc, "torch._int_mm + a float epilogue")
                 self.use_onednn = False
         colsum = w8.sum(1, dtype=torch.float32)
         return PackedInt8(w8.t().contiguous(), colsum, packed)
@@ -217,7 +277,7 @@ class FastKernel(IntKernel):
                     codes, x_scale, x_zero, weight, w_scale, bias, add, gelu
                 )
             except _FALLBACK_ERRORS as exc:
-                self._fall_back("oneDNN qlinear", exc)
+                self._fall_back("oneDNN qlinear", exc, "torch._int_mm + a float epilogue")
                 self.use_onednn = False
         centred = codes.bitwise_xor(128).view(torch.int8)  # codes - 128, exactly
         acc = self.mm(centred, weight.w8t).to(torch.float32)
@@ -256,7 +316,7 @@ class FastKernel(IntKernel):
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             except _FALLBACK_ERRORS as exc:
-                self._fall_back("oneDNN fp32 linear", exc)
+                self._fall_back("oneDNN fp32 linear", exc, "F.linear")
         return PackedFloat(weight, packed)
 
     def linear_float(self, x: Tensor, weight: PackedFloat, bias: Tensor | None) -> Tensor:
@@ -267,7 +327,7 @@ class FastKernel(IntKernel):
                 self._count("onednn_linear_fp32")
                 return out
             except _FALLBACK_ERRORS as exc:
-                self._fall_back("oneDNN fp32 linear", exc)
+                self._fall_back("oneDNN fp32 linear", exc, "F.linear")
                 weight.onednn = None
         self._count("linear_fp32")
         return F.linear(x, weight.weight, bias)

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from adalog.errors import AdalogError, ArtifactError
 from adalog.models.qmodules import QuantViTAttention
 from adalog.quant.log import _U_MIN
+from adalog.runtime.builder import load_integer_model
 from adalog.runtime.fast import (
     _LOG2_U_MIN,
     FastLinear,
@@ -69,7 +70,7 @@ from adalog.runtime.fast import (
     LayerNormToCodes,
     _code_per_log2,
 )
-from adalog.runtime.integer import IntConv2d, load_integer_model
+from adalog.runtime.integer import IntConv2d
 
 __all__ = ["OrtModel", "build_onnx_graph", "load_onnx_model", "onnx_model"]
 
