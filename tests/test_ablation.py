@@ -12,6 +12,7 @@ import adalog.cli
 import adalog.pipelines.calibrate as calibrate_module
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
+from adalog.models.parts import TIMM_VIT
 from adalog.pipelines import ablation
 from adalog.pipelines.ablation import Variant, run_ablation, select_variants
 from adalog.pipelines.calibrate import Reuse
@@ -166,8 +167,8 @@ def test_variant_from_reused_base_calibration_equals_a_full_run(
 
     full = adalog.quantize(model(), images, config, progress=False)
     adalog.quantize(model(), images, BASE, progress=False, resume_dir=tmp_path)
-    suffixes = ablation.searched_modules(overrides)
-    reuse = Reuse(read_progress_state(tmp_path), lambda name: name.endswith(suffixes))
+    parts = ablation.searched_parts(overrides)
+    reuse = Reuse(read_progress_state(tmp_path), lambda name: TIMM_VIT.part_of(name) in parts)
     searched: list[str] = []
     real = calibrate_module._calibrate_target
 
@@ -181,9 +182,10 @@ def test_variant_from_reused_base_calibration_equals_a_full_run(
     assert part.state_dict().keys() == expected.keys()
     for key, value in part.state_dict().items():
         assert torch.equal(value, expected[key]), key
-    assert len(searched) == 2 and all(n.endswith(suffixes) for n in searched)
-    assert ablation.searched_modules({"fpcs": False}) is None
-    assert ablation.searched_modules({"post_gelu": "twin", "eq_n": 64}) is None
+    leaf = {"fc2": "mlp.fc2", "matmul_av": "attn.matmul2"}
+    assert len(searched) == 2 and all(n.endswith(tuple(leaf[p] for p in parts)) for n in searched)
+    assert ablation.searched_parts({"fpcs": False}) is None
+    assert ablation.searched_parts({"post_gelu": "twin", "eq_n": 64}) is None
 
 
 def test_rerun_with_another_base_model_or_eval_set_is_refused(tmp_path: Path):

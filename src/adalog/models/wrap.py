@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from adalog.config import AdaLogConfig
-from adalog.models.factory import model_family
+from adalog.models.parts import FC2, MATMUL_AV, MATMUL_QK, FamilyParts, model_parts
 from adalog.models.qmodules import (
     QuantConv2d,
     QuantLinear,
@@ -28,23 +28,17 @@ from adalog.quant import GELU_SHIFT, LogQuantizer, TwinUniformQuantizer, Uniform
 
 @dataclass
 class Target:
-    """One module to calibrate: its dotted name, the module, its role (conv, linear, linear_ln,
-    linear_gelu, matmul_qk or matmul_av) and, for post-LayerNorm linears that fold (§3), the
-    name of the LayerNorm that receives the scales."""
+    """One module to calibrate: its dotted name, the module, its role (the calibration
+    procedure: conv, linear, linear_ln, linear_gelu, matmul_qk or matmul_av), for
+    post-LayerNorm linears that fold (§3) the name of the LayerNorm that receives the scales,
+    and its block (the unit progress is saved in)."""
 
     name: str
     module: QuantModule
     role: str
     norm: str | None = None
-
-    @property
-    def block(self) -> str:
-        """The enclosing block (``blocks.3``, ``layers.1.blocks.0``) or the module name."""
-        parts = self.name.split(".")
-        for i in range(len(parts) - 1, 0, -1):
-            if parts[i - 1] == "blocks" or parts[i] == "downsample":
-                return ".".join(parts[: i + 1])
-        return self.name
+    #: the enclosing block (``blocks.3``, ``layers.1.blocks.0``) or the module name
+    block: str = ""
 
 
 def wrap_model(model: nn.Module, config: AdaLogConfig, calibrating: bool = True) -> list[Target]:
@@ -53,7 +47,7 @@ def wrap_model(model: nn.Module, config: AdaLogConfig, calibrating: bool = True)
     ``calibrating=False`` builds the post-calibration structure for loading a checkpoint:
     post-LayerNorm inputs are then already folded and per tensor (§3 step 7).
     """
-    model_family(model)  # refuses unsupported families
+    parts = model_parts(model)  # refuses unsupported families
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError("model is already wrapped")
     for module in model.modules():
@@ -62,16 +56,18 @@ def wrap_model(model: nn.Module, config: AdaLogConfig, calibrating: bool = True)
     targets: list[Target] = []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantMatMul):
-            role = "matmul_av" if name.endswith("matmul2") else "matmul_qk"
+            role = MATMUL_AV if parts.part_of(name) == MATMUL_AV else MATMUL_QK
             targets.append(Target(name, module, role))
         elif isinstance(module, nn.Linear):
-            targets.append(_replace_linear(model, name, module, config, calibrating))
+            targets.append(_replace_linear(model, parts, name, module, config, calibrating))
         elif isinstance(module, nn.Conv2d):
             quantized = QuantConv2d(module, config.w_bits, input_quant=None)
             _set_submodule(model, name, quantized)
             targets.append(Target(name, quantized, "conv"))
+    for target in targets:
+        target.block = parts.block_of(target.name)
     _match_parameters(model)
-    return _execution_order(targets)
+    return _execution_order(targets, parts)
 
 
 def _match_parameters(model: nn.Module) -> None:
@@ -116,14 +112,18 @@ def _post_gelu_quantizer(config: AdaLogConfig) -> nn.Module:
 
 
 def _replace_linear(
-    model: nn.Module, name: str, linear: nn.Linear, config: AdaLogConfig, calibrating: bool
+    model: nn.Module,
+    parts: FamilyParts,
+    name: str,
+    linear: nn.Linear,
+    config: AdaLogConfig,
+    calibrating: bool,
 ) -> Target:
-    leaf = name.rsplit(".", 1)[-1]
-    norm = _folding_norm(name, leaf)
-    if "head" in name:
+    norm = parts.folding_norm(name)
+    if parts.is_head(name):
         quantized = QuantLinear(linear, config.w_bits, UniformQuantizer(config.head_bits, (1,)))
         target = Target(name, quantized, "linear")
-    elif leaf == "fc2" and config.post_gelu != "uniform":
+    elif parts.part_of(name) == FC2 and config.post_gelu != "uniform":
         quantized = QuantLinear(linear, config.w_bits, _post_gelu_quantizer(config))
         target = Target(name, quantized, "linear_gelu")
     elif norm is not None and config.folds_layernorm and calibrating:
@@ -138,27 +138,12 @@ def _replace_linear(
     return target
 
 
-def _folding_norm(name: str, leaf: str) -> str | None:
-    """The LayerNorm feeding qkv (norm1), fc1 (norm2) or Swin's reduction (its merge norm)."""
-    parent = name.rsplit(".", 1)[0]
-    if leaf == "qkv" and parent.endswith(".attn"):
-        return parent[: -len(".attn")] + ".norm1"
-    if leaf == "fc1" and parent.endswith(".mlp"):
-        return parent[: -len(".mlp")] + ".norm2"
-    if leaf == "reduction":
-        return parent + ".norm"
-    return None
-
-
-_ORDER = {"qkv": 0, "matmul1": 1, "matmul2": 2, "proj": 3, "fc1": 4, "fc2": 5}
-
-
-def _execution_order(targets: list[Target]) -> list[Target]:
-    """Sort a block's modules in the order its forward pass runs them (qkv, matmul1, matmul2,
+def _execution_order(targets: list[Target], parts: FamilyParts) -> list[Target]:
+    """Sort a block's modules in the order its forward pass runs them (qkv, q·kᵀ, attn·v,
     proj, fc1, fc2); blocks keep ``named_modules`` order."""
     blocks = list(dict.fromkeys(t.block for t in targets))
     rank = {b: i for i, b in enumerate(blocks)}
-    return sorted(targets, key=lambda t: (rank[t.block], _ORDER.get(t.name.rsplit(".", 1)[-1], -1)))
+    return sorted(targets, key=lambda t: (rank[t.block], parts.rank(t.name)))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

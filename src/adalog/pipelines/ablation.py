@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from adalog.config import AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.io import atomic_write_json, atomic_write_text
+from adalog.models.parts import FC2, MATMUL_AV, model_parts
 from adalog.pipelines.calibrate import Reuse, calibrate, load_calibration_images
 from adalog.pipelines.runstore import (
     check_fingerprint,
@@ -121,18 +122,19 @@ FP32_FILE = "fp32.json"
 #: Post-GELU log quantizers whose scale the reference transplants from AdaLog (§10 item 8).
 FIXED_BASE_LOG_KINDS = ("log2", "logsqrt2")
 
-#: Config fields whose change only affects the quantizers of the modules named by the suffix.
+#: Config fields whose change only affects the quantizers of the modules playing the part.
 MODULE_LOCAL_FIELDS = {
-    "post_gelu": "fc2",
-    "bias_reparam": "fc2",
-    "log_scale_search": "fc2",
-    "post_softmax": "matmul2",
-    "s_bits": "matmul2",
+    "post_gelu": FC2,
+    "bias_reparam": FC2,
+    "log_scale_search": FC2,
+    "post_softmax": MATMUL_AV,
+    "s_bits": MATMUL_AV,
 }
 
 
-def searched_modules(overrides: dict[str, Any]) -> tuple[str, ...] | None:
-    """Module-name suffixes a variant must search again, or None if it needs a full run."""
+def searched_parts(overrides: dict[str, Any]) -> tuple[str, ...] | None:
+    """The parts (``fc2``, ``matmul_av``) whose modules a variant must search again, or None
+    if it needs a full run."""
     if not overrides or not set(overrides) <= set(MODULE_LOCAL_FIELDS):
         return None
     return tuple(sorted({MODULE_LOCAL_FIELDS[k] for k in overrides}))
@@ -163,8 +165,10 @@ def run_ablation(
     of another run in ``out_dir`` are refused, naming what differs, instead of being reused.
     """
     out_dir = Path(out_dir)
+    probe = make_model()
+    parts = model_parts(probe)
     fingerprint = run_fingerprint(
-        model_identity(make_model()),
+        model_identity(probe),
         config=base,
         images_sha256=tensor_digest([images]),
         eval_data=eval_data or {},
@@ -177,12 +181,12 @@ def run_ablation(
         if path.exists():
             continue
         config = base.with_overrides(**variant.overrides)
-        suffixes = searched_modules(variant.overrides)
+        searched = searched_parts(variant.overrides)
         reuse = None
-        if suffixes is not None:
+        if searched is not None:
             if base_state is None:
                 base_state = _base_calibration(out_dir, base, make_model, images, progress)
-            reuse = Reuse(base_state, lambda name, s=suffixes: name.endswith(s))
+            reuse = Reuse(base_state, lambda name, s=searched: parts.part_of(name) in s)
         model = make_model()
         start = time.perf_counter()
         calibrate(model, images, config, progress=progress, reuse=reuse)
@@ -193,7 +197,7 @@ def run_ablation(
             "overrides": variant.overrides,
             "config": config.to_dict(),
             "calib_seconds": seconds,
-            "searched": "all" if suffixes is None else ", ".join(f"*.{x}" for x in suffixes),
+            "searched": "all" if searched is None else ", ".join(searched),
             **evaluate(model),
             "fingerprint": fingerprint,
         }
@@ -405,7 +409,7 @@ def ablate(
     images = load_calibration_images(probe, calib_data, calib_list, base)
     loader = build_eval_loader(probe, data, exclude=exclude, batch_size=batch_size, workers=workers)
     eval_data = eval_set_identity(loader.dataset.records)
-    n_blocks = sum(1 for name, _ in probe.named_modules() if name.endswith(".fc2"))
+    n_blocks = len(model_parts(probe).find(probe, FC2))
     block = plot_block if plot_block is not None else n_blocks // 2
 
     def score(model: nn.Module) -> dict[str, Any]:

@@ -16,20 +16,22 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from adalog.config import AdaLogConfig  # noqa: E402
+from adalog.models.parts import FC2, MATMUL_AV, model_parts  # noqa: E402
 from adalog.models.wrap import wrap_model  # noqa: E402
 
 ACTIVATIONS = {
-    "post_softmax": ("matmul2", "a_quant", "post-Softmax attention probabilities"),
-    "post_gelu": ("fc2", "input_quant", "post-GELU activations (fc2 input)"),
+    "post_softmax": (MATMUL_AV, "a_quant", "post-Softmax attention probabilities"),
+    "post_gelu": (FC2, "input_quant", "post-GELU activations (fc2 input)"),
 }
 
 
-def _block_module(model: nn.Module, block: int, leaf: str) -> nn.Module:
-    """``matmul2``/``fc2`` of transformer block ``block`` (counted over the whole model)."""
-    found = [m for name, m in model.named_modules() if name.endswith("." + leaf)]
+def _block_module(model: nn.Module, block: int, part: str) -> nn.Module:
+    """The attn·v matmul or the fc2 of transformer block ``block`` (counted over the whole
+    model)."""
+    found = model_parts(model).find(model, part)
     if not 0 <= block < len(found):
         raise IndexError(f"block {block} out of range: the model has {len(found)} blocks")
-    return found[block]
+    return found[block][1]
 
 
 def capture_activations(model: nn.Module, images: Tensor, block: int) -> dict[str, Tensor]:
@@ -37,12 +39,12 @@ def capture_activations(model: nn.Module, images: Tensor, block: int) -> dict[st
     wrap_model(model, AdaLogConfig())
     captured: dict[str, Tensor] = {}
     handles = []
-    for key, (leaf, _, _) in ACTIVATIONS.items():
+    for key, (part, _, _) in ACTIVATIONS.items():
 
         def hook(module, inputs, output, key=key):
             captured[key] = inputs[0].detach().flatten()
 
-        handles.append(_block_module(model, block, leaf).register_forward_hook(hook))
+        handles.append(_block_module(model, block, part).register_forward_hook(hook))
     with torch.no_grad():
         model(images)
     for handle in handles:
@@ -53,8 +55,8 @@ def capture_activations(model: nn.Module, images: Tensor, block: int) -> dict[st
 def quantizer_values(model: nn.Module, block: int) -> dict[str, list[float]]:
     """Representable values of the block's post-Softmax and post-GELU quantizers."""
     out = {}
-    for key, (leaf, attr, _) in ACTIVATIONS.items():
-        quant = getattr(_block_module(model, block, leaf), attr)
+    for key, (part, attr, _) in ACTIVATIONS.items():
+        quant = getattr(_block_module(model, block, part), attr)
         out[key] = quant.representable_values().tolist()
     return out
 

@@ -35,6 +35,7 @@ from adalog.pipelines.runstore import (
 from adalog.quant import LogQuantizer
 from adalog.recon.blocks import (
     BlockTraining,
+    ends_in_logits,
     is_tail,
     prepare_block,
     reconstruction_blocks,
@@ -198,11 +199,6 @@ def unfold_post_gelu_shift(model: nn.Module) -> None:
         quant.set_shift_folded(False)
 
 
-def _on_logits(name: str) -> bool:
-    """Whether the unit ends in the logits (the head, or a tail unit): trained on their KL."""
-    return is_tail(name) or name.rsplit(".", 1)[-1] == "head"
-
-
 def _block_data(
     model: nn.Module,
     fp_model: nn.Module,
@@ -219,7 +215,7 @@ def _block_data(
     inputs are that unit, as trained, applied to its own inputs: one block forward per view
     instead of running both models from the images up to this block. A tail unit's targets
     are the FP logits."""
-    logits = _on_logits(name)
+    logits = ends_in_logits(model, name)
     fisher = _sampled_label_loss(gens.cpu) if config.loss == "fisher" and not logits else None
     entry = unit_entry(name)
     carry = previous is not None and fisher is None and follows(model, previous[0], entry)
@@ -308,7 +304,7 @@ def _train_block(
     bar: tqdm,
 ) -> dict[str, float]:
     block = unit_module(model, name)
-    head = _on_logits(name)
+    head = ends_in_logits(model, name)
     before = _probe_error(block, data, config, head)
     calibrated = {k: v.detach().clone() for k, v in block.state_dict().items()}
     state = prepare_block(

@@ -6,30 +6,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import PatchEmbed
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from adalog.errors import ConfigError
+from adalog.models.parts import model_parts
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule
 from adalog.quant import LogQuantizer, TwinUniformQuantizer, UniformQuantizer
 from adalog.recon.adaround import AdaRoundQuantizer
 from adalog.recon.ste import TrainingQuantizer
 
-_BLOCK_TYPES = (PatchEmbed, Block, SwinTransformerBlock, PatchMerging)
-
 
 def reconstruction_blocks(model: nn.Module) -> list[str]:
-    """Names of the units reconstructed one at a time, in ``named_modules`` order: the patch
-    embedding, every ViT/Swin block, every Swin patch merging and the module named ``head``;
-    units without a quantized module are skipped."""
+    """Names of the units reconstructed one at a time, in ``named_modules`` order: the
+    family's units (patch embedding, every ViT/Swin block, every Swin patch merging) and its
+    heads; units without a quantized module are skipped."""
+    parts = model_parts(model)
     names = []
     for name, module in model.named_modules():
-        is_unit = isinstance(module, _BLOCK_TYPES) or name.rsplit(".", 1)[-1] == "head"
+        is_unit = parts.is_unit(name, module)
         if is_unit and any(isinstance(m, QuantModule) for m in module.modules()):
             names.append(name)
     return names
+
+
+def ends_in_logits(model: nn.Module, name: str) -> bool:
+    """Whether unit ``name`` outputs logits (a head, or a tail unit): trained on their KL."""
+    return is_tail(name) or model_parts(model).is_head(name)
 
 
 TAIL_SUFFIX = "..head"

@@ -55,6 +55,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from adalog.errors import ArtifactError
+from adalog.models.parts import FC1, QKV, TIMM_VIT
 from adalog.models.qmodules import QuantLinear, QuantMatMul, QuantViTAttention
 from adalog.pipelines.export import Artifact
 from adalog.quant import LogQuantizer, UniformQuantizer
@@ -443,15 +444,23 @@ def fuse_model(model: nn.Module) -> dict[str, int]:
         if _fusable_attention(module.attn):
             module.attn = FastViTAttention(module.attn)
             counts["attention"] += 1
-            if isinstance(module.norm1, nn.LayerNorm):
-                module.norm1 = LayerNormToCodes(module.norm1, module.attn.qkv)
-                counts["layernorm"] += 1
-        fc1 = getattr(module.mlp, "fc1", None)
-        if type(module.mlp) is Mlp and isinstance(fc1, FastLinear) and fc1.mode == "int8":
-            if isinstance(module.norm2, nn.LayerNorm):
-                module.norm2 = LayerNormToCodes(module.norm2, fc1)
-                counts["layernorm"] += 1
+            counts["layernorm"] += _norm_to_codes(module, QKV)
+        if type(module.mlp) is Mlp:
+            counts["layernorm"] += _norm_to_codes(module, FC1)
     return counts
+
+
+def _norm_to_codes(block: Block, part: str) -> int:
+    """Let the LayerNorm that folds into ``part`` (§3) output that int8 linear's input codes;
+    1 if it did, 0 if the linear is not an int8 :class:`FastLinear` or the norm no LayerNorm."""
+    norm_name = TIMM_VIT.folds[part]
+    norm, linear = getattr(block, norm_name), block.get_submodule(TIMM_VIT.paths[part])
+    if not isinstance(norm, nn.LayerNorm) or not isinstance(linear, FastLinear):
+        return 0
+    if linear.mode != "int8":
+        return 0
+    setattr(block, norm_name, LayerNormToCodes(norm, linear))
+    return 1
 
 
 class OneDNNLinear(nn.Module):
