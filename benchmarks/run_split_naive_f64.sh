@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 5: the straightforward (naive) search engine over the whole ViT-Tiny W4A4, float64, on the
-# reference calibration tensors, split over two one-thread processes (sessions 17-19 ran it as
-# one). Rerunning the script resumes both; run it with setsid nohup, it waits for both.
+# reference calibration tensors, split over two one-thread processes (the runs of 2026-12-05
+# before the split ran it as one). Rerunning the script resumes both; run it with setsid nohup,
+# it waits for both.
 #   A: runs/naive_f64_progress, the naive engine up to blocks.7, then stopped.
 #   B: runs/naive_f64_progress_b, a copy of A's progress after blocks.3. The fast engine redoes
 #      blocks 4-7 (only their FP tensors matter to block 8's FP captures), then the naive engine
@@ -9,8 +10,8 @@
 # Then benchmarks/merge_progress.py takes A's blocks 4-7 into B's progress (refused unless their
 # FP tensors are bit-identical, i.e. B's naive blocks saw the captures a single run would have),
 # and a last resume of the merged progress (two threads) saves and evaluates the single run's model.
-# Session 19: one thread per process took 34-41 min per naive block, as long as one process on
-# two threads (sessions 17-18), so the split halves the wall time.
+# 2026-12-05: one thread per process took 34-41 min per naive block, as long as one process on
+# two threads (the unsplit run), so the split halves the wall time.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
