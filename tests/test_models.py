@@ -69,8 +69,12 @@ def test_unknown_model_suggests_names():
 
 
 def test_hub_failure_says_pass_weights(monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("no network")
+    create = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("no network")
+        return create(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(WeightsError, match="--weights"):
@@ -94,6 +98,33 @@ def test_unsupported_family_names_supported_ones():
     model = timm.create_model("resnet18", pretrained=False)
     with pytest.raises(UnsupportedModelError, match="vit, deit, swin"):
         model_family(model)
+
+
+def test_unsupported_family_is_refused_before_download_or_loading(monkeypatch):
+    """No hub download (that would fail offline with a WeightsError) and no weight file read."""
+    import adalog.models.factory as factory
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded for an unsupported model")
+
+    monkeypatch.setattr(factory, "read_state_dict", no_loading)
+    monkeypatch.setattr(factory.timm, "create_model", _meta_only(timm.create_model))
+    with pytest.raises(UnsupportedModelError, match="'resnet18'"):
+        factory.create_model("resnet18")
+    with pytest.raises(UnsupportedModelError, match="'resnet18'"):
+        factory.create_model("resnet18", weights="weights-never-read.safetensors")
+    assert factory.check_family("vit_tiny_patch16_224", num_classes=10) == "vit"
+
+
+def _meta_only(create):
+    """timm.create_model that fails for a real (non-meta) build or a pretrained one."""
+
+    def create_on_meta(name, pretrained=False, **kwargs):
+        if pretrained or torch.empty(0).device.type != "meta":
+            raise AssertionError(f"{name} built for real before its family was checked")
+        return create(name, pretrained=False, **kwargs)
+
+    return create_on_meta
 
 
 def test_forward_hooks_see_every_batch_and_stop_forward_skips_the_rest():

@@ -48,6 +48,7 @@ def create_model(
     ``pretrained``; a random initialisation only when both are off.
     """
     _check_name(name)
+    check_family(name, **kwargs)
     use_hub = pretrained and weights is None
     try:
         model = timm.create_model(name, pretrained=use_hub, **kwargs)
@@ -62,6 +63,14 @@ def create_model(
         load_weights(model, weights)
     model.adalog_model_kwargs = dict(kwargs)  # recorded in checkpoints, so a reload rebuilds it
     return model.eval()
+
+
+def check_family(name: str, **kwargs) -> str:
+    """The family of timm model ``name``, refused if unsupported before any download or weight
+    loading: the architecture is built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        probe = timm.create_model(name, pretrained=False, **kwargs)
+    return model_family(probe)
 
 
 def _check_name(name: str) -> None:
