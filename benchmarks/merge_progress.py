@@ -1,7 +1,7 @@
 """Merge the calibration progress of two resumable runs (``--resume``) of the same model, config
 and images, block by block, so that two processes can calibrate different blocks at once.
 
-Every module is calibrated on FP captures (ALGORITHM.md §10.19), so block k's search sees only
+Every module is calibrated on FP captures (docs/algorithm.md §10.19), so block k's search sees only
 the FP network in front of it: the folded weights, biases and LayerNorms of blocks < k, not
 their quantizer parameters. Process A calibrates blocks 4-7; process B redoes them with a
 faster engine, then calibrates blocks 8+. If A's and B's FP tensors of blocks 4-7 are bit-identical,
@@ -10,7 +10,7 @@ B's state gives exactly the single run's result. The script checks that conditio
 to merge otherwise, and reports (``merge_report.json``) the quantizer tensors in which the two
 runs differ there.
 
-Example (session 19, the split float64 run of the naive engine, issue 5):
+Example (the split float64 run of the naive engine, issue 5, 2026-12-05):
     python benchmarks/merge_progress.py runs/naive_f64_progress_b runs/naive_f64_progress \
         --blocks blocks.4 blocks.5 blocks.6 blocks.7 --out runs/naive_f64_progress_merged
 The merged folder resumes with the same command as either run (nothing left to calibrate: it

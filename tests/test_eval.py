@@ -9,6 +9,9 @@ from safetensors.torch import save_file
 from adalog.cli import main
 from tests.conftest import SAMPLE, VIT_WEIGHTS, require_shared
 
+NAME = "vit_tiny_patch16_224"
+TINY = {"depth": 1, "img_size": 32, "patch_size": 16, "embed_dim": 24, "num_heads": 2}
+
 
 def test_eval_json_contract(tmp_path: Path, tiny_folder: Path):
     torch.manual_seed(0)
@@ -54,6 +57,24 @@ def test_eval_reports_user_errors_without_traceback(tmp_path: Path, capsys):
     )
     assert code == 1
     assert "weight file not found" in capsys.readouterr().err
+
+
+def test_unreadable_image_in_a_worker_is_one_error_line(tmp_path: Path, tiny_folder, capsys):
+    """An image a DataLoader worker cannot read ends the run with one ``adalog: error:`` line
+    naming the file, not the worker's traceback."""
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model(NAME, pretrained=False, **TINY).state_dict(), str(weights))
+    bad = tiny_folder / "n01440764" / "n01440764_9.png"
+    bad.write_bytes(b"\x89PNG broken")
+    args = ["eval", "--model", NAME, "--weights", str(weights), "--data", str(tiny_folder)]
+    args += ["--model-kwargs", json.dumps(TINY), "--workers", "1", "--batch-size", "2"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "worker" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("adalog:")]
+    assert len(lines) == 1 and lines[0].startswith("adalog: error: cannot read image "), err
+    assert lines[0].endswith("n01440764_9.png'")
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests for the quantizer math (ALGORITHM.md §1, §10 items 4/5/26, §11.1, §12 items 1/2/9)."""
+"""Tests for the quantizer math (docs/algorithm.md §1, §10 items 4/5/26, §11.1, §12 items 1/2/9)."""
 
 from __future__ import annotations
 

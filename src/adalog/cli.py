@@ -473,9 +473,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except AdalogError as exc:
-        print(f"adalog: error: {exc}", file=sys.stderr)
+        print(f"adalog: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(exc: AdalogError) -> str:
+    """The error's own message: an error raised in a DataLoader worker arrives re-raised with
+    the worker's traceback as its text, whose last line is the original ``Type: message``."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last.removeprefix(prefix)
 
 
 if __name__ == "__main__":

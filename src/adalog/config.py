@@ -1,4 +1,4 @@
-"""Serialisable quantization configuration with the reference presets (ALGORITHM.md §2.1)."""
+"""Serialisable quantization configuration with the reference presets (docs/algorithm.md §2.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Quantized stand-ins for the layers of timm ViT/DeiT/Swin (ALGORITHM.md §2.2-§2.3).
+"""Quantized stand-ins for the layers of timm ViT/DeiT/Swin (docs/algorithm.md §2.2-§2.3).
 
 Each module runs in one of two modes: raw (exactly the FP layer; used while capturing
 calibration data) or quant (fake-quantized inputs and weights). Parameters keep the names of the

@@ -1,4 +1,4 @@
-"""Turn a timm ViT/DeiT/Swin into a fake-quantized model (ALGORITHM.md §2.2), per instance.
+"""Turn a timm ViT/DeiT/Swin into a fake-quantized model (docs/algorithm.md §2.2), per instance.
 
 No timm class is patched: attention modules get their class swapped to a subclass defined in
 ``qmodules`` and every Linear/Conv2d is replaced by its quantized stand-in. ``wrap_model`` returns

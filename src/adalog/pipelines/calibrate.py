@@ -1,4 +1,4 @@
-"""Calibration pipeline (ALGORITHM.md §6): capture FP tensors block by block, run each
+"""Calibration pipeline (docs/algorithm.md §6): capture FP tensors block by block, run each
 module's search (§5.7), fold post-LayerNorm scales (§3) and the post-GELU shift (§4)."""
 
 from __future__ import annotations

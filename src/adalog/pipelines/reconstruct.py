@@ -1,4 +1,4 @@
-"""Block reconstruction after calibration (ALGORITHM.md §7, the README's "Retrain").
+"""Block reconstruction after calibration (docs/algorithm.md §7, the README's "Retrain").
 
 Block by block (patch embedding, transformer blocks, Swin patch mergings, head; optionally the
 last ViT blocks and the head as one unit, ``kl_tail``), AdaRound learns

@@ -1,4 +1,4 @@
-"""Block reconstruction building blocks (ALGORITHM.md §7): settings, AdaRound, data, blocks.
+"""Block reconstruction building blocks (docs/algorithm.md §7): settings, AdaRound, data, blocks.
 
 The driver is :func:`adalog.pipelines.reconstruct.reconstruct` (``adalog.reconstruct``).
 """

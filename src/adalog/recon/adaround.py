@@ -1,4 +1,4 @@
-"""AdaRound weight quantizer (ALGORITHM.md §1.8) and its rounding regulariser (§7.6).
+"""AdaRound weight quantizer (docs/algorithm.md §1.8) and its rounding regulariser (§7.6).
 
 Built from a calibrated asymmetric weight quantizer: the scale and zero point stay frozen and only
 the per-weight rounding logit ``alpha`` is learned. Soft rounding adds ``h(alpha)`` (a rectified

@@ -1,4 +1,5 @@
-"""Serialisable block-reconstruction settings (ALGORITHM.md §7): presets ``reference``, ``fast``."""
+"""Serialisable block-reconstruction settings (docs/algorithm.md §7): presets ``reference``,
+``fast``."""
 
 from __future__ import annotations
 
@@ -103,10 +104,11 @@ class ReconstructConfig(SerialisableConfig):
         """Sized for a 2-core CPU: 300 iterations per block (ViT-Tiny: about 0.45 s per batch-32
         iteration on one thread), learning rates raised so the rounding settles in that many
         steps, quantized block inputs and QDrop. Chosen for unseen images, not for the block
-        loss (benchmarks/RESULTS.md, sessions 11-12): 1024 views, half of them mixed, only the
-        rounding trained (learned activation scales fit the calibration images, not others), a
-        unit whose probe loss rose is reverted, and the token-normalised loss (session 14: ViT-Tiny
-        W3A3 +25.0 / +26.5 points over calibrate-only on two seeds against +6.6 with the MSE)."""
+        loss (benchmarks/RESULTS.md, Block reconstruction, 2026-12-04): 1024 views, half of them
+        mixed, only the rounding trained (learned activation scales fit the calibration images,
+        not others), a unit whose probe loss rose is reverted, and the token-normalised loss
+        (ViT-Tiny W3A3 +25.0 / +26.5 points over calibrate-only on two seeds against +6.6 with
+        the MSE)."""
         base = cls(
             iterations=300,
             data_size=1024,

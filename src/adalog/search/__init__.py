@@ -1,4 +1,5 @@
-"""Model-agnostic calibration search: candidate grids, percentiles and FPCS (ALGORITHM.md §5)."""
+"""Model-agnostic calibration search: candidate grids, percentiles and FPCS
+(docs/algorithm.md §5)."""
 
 from adalog.quant import adalog_q_candidates
 from adalog.search.fpcs import (

@@ -1,4 +1,4 @@
-"""FPCS beam searches and their exhaustive counterparts (ALGORITHM.md §5.4-§5.7).
+"""FPCS beam searches and their exhaustive counterparts (docs/algorithm.md §5.4-§5.7).
 
 The engine knows nothing about layers. A search runs over ``G`` independent groups and asks a
 caller-supplied callback for the *error* (lower is better) of ``K`` candidates per group at once:

@@ -1,4 +1,4 @@
-"""Candidate generators for the calibration searches (ALGORITHM.md §5.2, §5.3).
+"""Candidate generators for the calibration searches (docs/algorithm.md §5.2, §5.3).
 
 Uniform grids are returned as ``(scales, zero_points)``, both of shape ``(K, G)`` with
 ``K = eq_n`` candidates for each of ``G`` independent groups (rows, channels, heads, or G = 1 for a

@@ -1,4 +1,4 @@
-"""Error callbacks for the searches (ALGORITHM.md §5.1), written for speed on CPU.
+"""Error callbacks for the searches (docs/algorithm.md §5.1), written for speed on CPU.
 
 Every callback maps a batch of candidates to squared errors, lower is better. Constant factors
 of the reference's reductions (per-image means over equal token counts) are dropped: they do

@@ -1,4 +1,4 @@
-"""Percentiles used by the candidate generators (ALGORITHM.md §5.2, §10 item 11).
+"""Percentiles used by the candidate generators (docs/algorithm.md §5.2, §10 item 11).
 
 Two different percentile definitions are in play, and they must not be mixed up:
 

@@ -1,4 +1,4 @@
-"""Per-module calibration procedures (ALGORITHM.md §5.7), on captured tensors and quantizers.
+"""Per-module calibration procedures (docs/algorithm.md §5.7), on captured tensors and quantizers.
 
 Nothing here knows about timm: a procedure receives FP inputs/outputs, the layer's weight and
 bias, and the quantizer modules whose buffers it writes.
