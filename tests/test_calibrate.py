@@ -309,6 +309,30 @@ def test_quantize_takes_a_folder_like_the_cli(tmp_path: Path, tiny_folder: Path)
     assert "transform" not in from_tensor.adalog_meta["calibration"]
 
 
+def test_calibration_from_a_flat_folder_and_an_absolute_file_list(tmp_path: Path):
+    """Unlabelled images straight in a folder (no class sub-folders, any names), and a file
+    list of absolute paths: both calibrate; labels are never asked for."""
+    from adalog.pipelines.calibrate import calibration_batch
+    from tests.conftest import write_image
+
+    flat = tmp_path / "holiday photos"
+    paths = [
+        write_image(flat / f"IMG {i}.{ext}", seed=i) for i, ext in enumerate("png jpg".split() * 3)
+    ]
+    model = _model("vit_tiny_patch16_224", VIT_KW)
+    config = SMALL.with_overrides(calib_size=4, seed=3)
+    images, record = calibration_batch(model, flat, None, config)
+    assert images.shape == (4, 3, 64, 64) and len(set(record["images"])) == 4
+    assert set(record["images"]) <= {p.name for p in paths}
+    listing = tmp_path / "elsewhere" / "calib.txt"
+    listing.parent.mkdir()
+    listing.write_text("\n".join(str(p.resolve()) for p in paths[:2]) + "\n")
+    images, record = calibration_batch(model, flat, listing, config)
+    assert images.shape[0] == 2 and record["images"] == [p.name for p in paths[:2]]
+    quantized = adalog.quantize(model, flat, config.with_overrides(calib_size=2), progress=False)
+    assert quantized.adalog_meta["calibration"]["source"] == str(flat)
+
+
 def _block_names(name: str, kwargs: dict) -> list[str]:
     from adalog.models.wrap import wrap_model
 
