@@ -25,7 +25,16 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="data loader processes")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    _add_device_arg(parser, "evaluate on")
+
+
+def _add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help=f"device to {what}: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N; "
+        "checkpoints do not depend on it",
+    )
 
 
 def _add_model_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -154,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="module searches of a block run at once, each on threads/N intra-op threads "
         "(default 1: one search at a time on all threads)",
     )
+    _add_device_arg(qu, "calibrate (and reconstruct) on")
     qu.add_argument(
         "--out",
         required=True,
@@ -183,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--plot-block", type=int, help="block whose activations are plotted")
     ab.add_argument("--batch-size", type=int, default=64)
     ab.add_argument("--workers", type=int)
+    _add_device_arg(ab, "calibrate and evaluate on")
     ab.set_defaults(func=_cmd_ablate)
 
     ex = sub.add_parser("export", help="export a quantized checkpoint as packed integer codes")
@@ -349,6 +360,7 @@ def variant_overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
+    from adalog.devices import resolve_device
     from adalog.models import create_model
     from adalog.pipelines.calibrate import calibrate, calibration_batch
     from adalog.pipelines.checkpoint import check_output_folder, save_quantized
@@ -377,6 +389,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     out = check_output_folder(args.out)
     model = create_model(args.model, weights=args.weights, **args.model_kwargs)
     images, record = calibration_batch(model, args.calib_data, args.calib_list, config)
+    model.to(resolve_device(args.device))
     calibrate(
         model,
         images,
@@ -430,6 +443,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
         model_kwargs=args.model_kwargs,
+        device=args.device,
     )
     print(f"{len(results)}/{len(variants)} variants finished; tables and plots in {args.out}")
 

@@ -51,7 +51,9 @@ class QuantLinear(_WeightQuantModule):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.weight_quant = UniformQuantizer(w_bits, (self.out_features, 1))
+        self.weight_quant = UniformQuantizer(
+            w_bits, (self.out_features, 1), device=self.weight.device, dtype=self.weight.dtype
+        )
         self.input_quant = input_quant
 
     def forward(self, x: Tensor) -> Tensor:
@@ -77,7 +79,9 @@ class QuantConv2d(_WeightQuantModule):
         self.bias = conv.bias
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
-        self.weight_quant = UniformQuantizer(w_bits, (conv.out_channels, 1, 1, 1))
+        self.weight_quant = UniformQuantizer(
+            w_bits, (conv.out_channels, 1, 1, 1), device=conv.weight.device, dtype=conv.weight.dtype
+        )
         self.input_quant = input_quant
 
     def input_patches(self, x: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 def random_orthogonal(size: int, seed: int) -> Tensor:
     """A seeded Haar-random orthogonal matrix (float64): QR of a Gaussian, signs fixed by R's
     diagonal."""
-    generator = torch.Generator().manual_seed(seed)
-    gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    generator = torch.Generator(device="cpu").manual_seed(seed)  # one matrix on every device
+    gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64, device="cpu")
     q, r = torch.linalg.qr(gaussian)
     return q * r.diagonal().sign()
 
@@ -44,7 +44,7 @@ def _rotate(attention: nn.Module, seed: int) -> None:
         raise ValueError(f"unexpected attention shapes: qkv {qkv.out_features}, proj {width}")
     head_dim = width // heads
     for head in range(heads):
-        rotation = random_orthogonal(head_dim, seed + head).to(qkv.weight.dtype)
+        rotation = random_orthogonal(head_dim, seed + head).to(qkv.weight)
         rows = slice(2 * width + head * head_dim, 2 * width + (head + 1) * head_dim)
         cols = slice(head * head_dim, (head + 1) * head_dim)
         # v_h Q = x (Qᵀ W_v)ᵀ + Qᵀ b_v: the value rows mix; proj reads (attn·v_h Q) with W Q

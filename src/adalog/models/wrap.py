@@ -50,45 +50,63 @@ def wrap_model(model: nn.Module, config: AdaLogConfig, calibrating: bool = True)
     parts = model_parts(model)  # refuses unsupported families
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError("model is already wrapped")
+    quantizers = _QuantizerFactory(config, model)
     for module in model.modules():
         if isinstance(module, (Attention, WindowAttention)):
-            _convert_attention(module, config)
+            _convert_attention(module, quantizers)
     targets: list[Target] = []
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantMatMul):
             role = MATMUL_AV if parts.part_of(name) == MATMUL_AV else MATMUL_QK
             targets.append(Target(name, module, role))
         elif isinstance(module, nn.Linear):
-            targets.append(_replace_linear(model, parts, name, module, config, calibrating))
+            targets.append(_replace_linear(model, parts, name, module, quantizers, calibrating))
         elif isinstance(module, nn.Conv2d):
             quantized = QuantConv2d(module, config.w_bits, input_quant=None)
             _set_submodule(model, name, quantized)
             targets.append(Target(name, quantized, "conv"))
     for target in targets:
         target.block = parts.block_of(target.name)
-    _match_parameters(model)
     return _execution_order(targets, parts)
 
 
-def _match_parameters(model: nn.Module) -> None:
-    """Give the new quantizers the model's float dtype and device (they are built in float32
-    on the CPU): a float64 model then calibrates and runs in float64 throughout."""
-    parameter = next(model.parameters(), None)
-    if parameter is None:
-        return
-    for module in model.modules():
-        if isinstance(module, QuantModule):
-            module.to(device=parameter.device, dtype=parameter.dtype)
+class _QuantizerFactory:
+    """The activation quantizers of one model, built on its parameters' device and in their
+    float dtype (a float64 model calibrates and runs in float64 throughout)."""
+
+    def __init__(self, config: AdaLogConfig, model: nn.Module) -> None:
+        self.config = config
+        parameter = next(model.parameters(), None)
+        self.factory = {} if parameter is None else {
+            "device": parameter.device, "dtype": parameter.dtype
+        }  # fmt: skip
+
+    def uniform(self, n_bits: int, shape: tuple[int, ...] = (1,)) -> UniformQuantizer:
+        return UniformQuantizer(n_bits, shape, **self.factory)
+
+    def post_softmax(self) -> nn.Module:
+        config = self.config
+        if config.post_softmax == "uniform":
+            return self.uniform(config.s_bits)
+        return LogQuantizer(config.s_bits, config.post_softmax, **self.factory)  # s = 1 (§5.3)
+
+    def post_gelu(self) -> nn.Module:
+        config = self.config
+        if config.post_gelu == "twin":
+            return TwinUniformQuantizer(config.a_bits, **self.factory)
+        if config.post_gelu == "uniform":
+            return self.uniform(config.a_bits)
+        shift = GELU_SHIFT if config.bias_reparam else 0.0
+        return LogQuantizer(config.a_bits, config.post_gelu, shift=shift, **self.factory)
 
 
-def _convert_attention(module: nn.Module, config: AdaLogConfig) -> None:
-    heads = module.num_heads
+def _convert_attention(module: nn.Module, quantizers: _QuantizerFactory) -> None:
+    heads, a_bits = module.num_heads, quantizers.config.a_bits
     module.matmul1 = QuantMatMul(
-        UniformQuantizer(config.a_bits, (1, heads, 1, 1)),
-        UniformQuantizer(config.a_bits, (1, heads, 1, 1)),
+        quantizers.uniform(a_bits, (1, heads, 1, 1)), quantizers.uniform(a_bits, (1, heads, 1, 1))
     )
     module.matmul2 = QuantMatMul(
-        _post_softmax_quantizer(config), UniformQuantizer(config.a_bits, (1, heads, 1, 1))
+        quantizers.post_softmax(), quantizers.uniform(a_bits, (1, heads, 1, 1))
     )
     module.fused_attn = False
     module.__class__ = (
@@ -96,43 +114,28 @@ def _convert_attention(module: nn.Module, config: AdaLogConfig) -> None:
     )
 
 
-def _post_softmax_quantizer(config: AdaLogConfig) -> nn.Module:
-    if config.post_softmax == "uniform":
-        return UniformQuantizer(config.s_bits, (1,))
-    return LogQuantizer(config.s_bits, config.post_softmax)  # scale fixed to 1 (§5.3)
-
-
-def _post_gelu_quantizer(config: AdaLogConfig) -> nn.Module:
-    if config.post_gelu == "twin":
-        return TwinUniformQuantizer(config.a_bits)
-    if config.post_gelu == "uniform":
-        return UniformQuantizer(config.a_bits, (1,))
-    shift = GELU_SHIFT if config.bias_reparam else 0.0
-    return LogQuantizer(config.a_bits, config.post_gelu, shift=shift)
-
-
 def _replace_linear(
     model: nn.Module,
     parts: FamilyParts,
     name: str,
     linear: nn.Linear,
-    config: AdaLogConfig,
+    quantizers: _QuantizerFactory,
     calibrating: bool,
 ) -> Target:
+    config = quantizers.config
     norm = parts.folding_norm(name)
     if parts.is_head(name):
-        quantized = QuantLinear(linear, config.w_bits, UniformQuantizer(config.head_bits, (1,)))
+        quantized = QuantLinear(linear, config.w_bits, quantizers.uniform(config.head_bits))
         target = Target(name, quantized, "linear")
     elif parts.part_of(name) == FC2 and config.post_gelu != "uniform":
-        quantized = QuantLinear(linear, config.w_bits, _post_gelu_quantizer(config))
+        quantized = QuantLinear(linear, config.w_bits, quantizers.post_gelu())
         target = Target(name, quantized, "linear_gelu")
     elif norm is not None and config.folds_layernorm and calibrating:
-        quantized = QuantLinear(
-            linear, config.w_bits, UniformQuantizer(config.a_bits, (linear.in_features,))
-        )
+        per_channel = quantizers.uniform(config.a_bits, (linear.in_features,))
+        quantized = QuantLinear(linear, config.w_bits, per_channel)
         target = Target(name, quantized, "linear_ln", norm=norm)
     else:
-        quantized = QuantLinear(linear, config.w_bits, UniformQuantizer(config.a_bits, (1,)))
+        quantized = QuantLinear(linear, config.w_bits, quantizers.uniform(config.a_bits))
         target = Target(name, quantized, "linear")
     _set_submodule(model, name, quantized)
     return target

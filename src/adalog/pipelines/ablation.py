@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from adalog.config import AdaLogConfig
+from adalog.devices import resolve_device
 from adalog.errors import ConfigError
 from adalog.io import atomic_write_json, atomic_write_text
 from adalog.models.parts import FC2, MATMUL_AV, model_parts
@@ -391,8 +393,10 @@ def ablate(
     batch_size: int = 64,
     workers: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device = "auto",
 ) -> list[dict[str, Any]]:
-    """The ``adalog ablate`` job: run the variants on one model, then write tables and plots."""
+    """The ``adalog ablate`` job: run the variants on one model, then write tables and plots
+    (calibration and evaluation on ``device``; ``auto``: CUDA when available)."""
     from adalog.models import create_model
     from adalog.pipelines.evaluate import build_eval_loader, evaluate
     from adalog.pipelines.plots import (
@@ -402,8 +406,10 @@ def ablate(
         quantizer_values,
     )
 
+    device = resolve_device(device)
+
     def make_model() -> nn.Module:
-        return create_model(model_name, weights=weights, **(model_kwargs or {}))
+        return create_model(model_name, weights=weights, **(model_kwargs or {})).to(device)
 
     probe = make_model()
     images = load_calibration_images(probe, calib_data, calib_list, base)
@@ -413,7 +419,7 @@ def ablate(
     block = plot_block if plot_block is not None else n_blocks // 2
 
     def score(model: nn.Module) -> dict[str, Any]:
-        result = evaluate(model, loader, name=model_name)
+        result = evaluate(model, loader, device=device, name=model_name)
         return {"top1": result.top1, "top5": result.top5, "n": result.n}
 
     fp32_fingerprint = run_fingerprint(model_identity(probe), eval_data=eval_data)
@@ -444,7 +450,7 @@ def ablate(
             f"({n_images} images of {Path(data).name})"
         )
         plot_accuracy(rows, out_dir / "accuracy.png", title, read_fp32(out_dir))
-    activations = capture_activations(make_model(), images[:8], block)
+    activations = capture_activations(make_model(), images[:8].to(device), block)
     for key, groups in (
         ("post_gelu", ("post-gelu", "log-scale")),
         ("post_softmax", ("post-softmax",)),

@@ -26,6 +26,7 @@ from adalog.data import (
     model_data_config,
     spread_sample,
 )
+from adalog.devices import exact_matmuls, resolve_device
 from adalog.errors import ConfigError, DataError
 from adalog.models.hooks import StopForward, forward_batches, forward_hooks
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
@@ -144,6 +145,7 @@ def quantize(
     resume_dir: str | Path | None = None,
     search_workers: int = 1,
     model_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place with AdaLog and return it (``adalog.quantize``).
 
@@ -155,8 +157,13 @@ def quantize(
     block; rerunning the same call continues there (progress of another run is refused).
     ``model_kwargs`` declares timm constructor kwargs for a model not built by
     :func:`adalog.models.create_model` (which records them), so the checkpoint can rebuild it.
+    ``device`` (``"auto"``: CUDA when available, ``"cpu"``, ``"cuda:1"``, …) moves the model
+    there first; by default it calibrates where the model is. The checkpoint does not depend on
+    it: :func:`save_quantized` writes CPU tensors.
     """
     config = AdaLogConfig() if config is None else config
+    if device is not None:
+        model.to(resolve_device(device))
     if isinstance(calib_data, Tensor):
         if calib_list is not None:
             raise DataError("calib_list selects images of a folder; got a tensor")
@@ -175,6 +182,11 @@ def quantize(
         search_workers=search_workers,
         calibration=record,
     )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def _run_capture(model: nn.Module, images: Tensor, batch_size: int, targets, stop_after):
@@ -239,6 +251,7 @@ def calibrate(
         )
     seed_everything(config.seed)
     model.eval()
+    images = images.to(_device_of(model))
     identity = model_identity(model)  # before rotation and folds change the weights
     if model_kwargs is not None:
         identity["model_kwargs"] = dict(model_kwargs)
@@ -296,8 +309,9 @@ def calibrate(
             return target.name
 
         jobs = [(t, records.pop(t.name)) for t in searched]
-        for _ in _run_searches(jobs, search, search_workers):
-            bar.update()
+        with exact_matmuls():
+            for _ in _run_searches(jobs, search, search_workers):
+                bar.update()
         if resume_dir is not None:
             done.append(block)
             save_progress(model, resume_dir, done, fingerprint)

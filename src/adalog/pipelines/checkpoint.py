@@ -32,7 +32,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path) -> Path:
         raise ConfigError("model was not quantized by adalog (no adalog_meta); nothing to save")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     dtype = state_dtype(state)
     atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     meta = meta | {"dtype": str(dtype).removeprefix("torch."), "format_version": FORMAT_VERSION}

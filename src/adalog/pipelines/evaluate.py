@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from adalog.data import LabeledImageFolder, collate_skipping_bad, eval_transform, scan_image_folder
+from adalog.devices import resolve_device
 from adalog.errors import DataError
 
 
@@ -34,12 +35,6 @@ class EvalResult:
         out = asdict(self)
         out.update(out.pop("extra"))
         return out
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def default_workers() -> int:
@@ -81,7 +76,7 @@ def evaluate(
     ``dtype`` float64 takes float32 rounding out of the comparison of two computations of one
     low-bit model (e.g. fake-quant vs integer runtime), whose codes it can otherwise flip.
     """
-    device = resolve_device(device) if isinstance(device, str) else device
+    device = resolve_device(device)
     model = model.eval().to(device, dtype)
     name = name or getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
     hits1 = hits5 = seen = skipped = 0

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from adalog.devices import resolve_device
 from adalog.errors import ConfigError, DataError
 from adalog.models.qmodules import QuantLinear, set_quant_mode
 from adalog.pipelines.calibrate import fold_post_gelu_shift
@@ -62,6 +63,7 @@ def reconstruct(
     progress: bool = True,
     stats: dict[str, dict[str, float]] | None = None,
     resume_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Reconstruct a calibrated model (from ``adalog.quantize`` or ``load_quantized``) in place.
 
@@ -73,6 +75,8 @@ def reconstruct(
     With ``resume_dir`` the model, the random generators and ``stats`` are saved there after
     every unit (and after the end-to-end stage); rerunning with the same starting model,
     config and images continues after the last saved unit, bit for bit as an uninterrupted run.
+    ``device`` moves the model there first (``"auto"``: CUDA when available); by default it
+    trains where the model is.
     """
     config = ReconstructConfig.fast() if config is None else config
     stats = {} if stats is None else stats
@@ -89,6 +93,9 @@ def reconstruct(
     # units first: a bad kl_tail is refused before the model is touched
     names = reconstruction_blocks(model) if config.iterations > 0 else []
     names = with_kl_tail(model, names, config.kl_tail) if names else names
+    if device is not None:
+        model.to(resolve_device(device))
+    images = images.to(next(model.parameters()).device)
     torch.manual_seed(config.seed)
     model.eval()
     unfold_post_gelu_shift(model)  # the fold must use the final weights (§4, §10.22)
@@ -141,8 +148,14 @@ class _Generators:
     """Seeded random streams: batch order and Fisher labels (CPU), QDrop masks (device)."""
 
     def __init__(self, seed: int, device: torch.device) -> None:
-        self.cpu = torch.Generator().manual_seed(seed + 1)
+        self.cpu = torch.Generator(device="cpu").manual_seed(seed + 1)
         self.device = torch.Generator(device=device).manual_seed(seed + 2)
+
+    def batch(self, n: int, size: int, device: torch.device) -> Tensor:
+        """``size`` random indices of ``n`` items, drawn on the CPU stream (the same batches
+        on every device), on ``device``."""
+        order = torch.randperm(n, generator=self.cpu, device=self.cpu.device)
+        return order[:size].to(device)
 
     def states(self) -> dict[str, Tensor]:
         """These streams' states and torch's global one, to resume a run."""
@@ -372,8 +385,7 @@ def _train_network(
     first = last = None
     try:
         for step in range(1, config.network_iterations + 1):
-            idx = torch.randperm(len(data), generator=gens.cpu)[: config.batch_size]
-            idx = idx.to(data.device)
+            idx = gens.batch(len(data), config.batch_size, data.device)
             loss = reconstruction_loss(model(data[idx]), targets[idx], True, 1.0)
             _descend(loss, optimizers, schedulers, state)
             last = float(loss.detach())
@@ -450,8 +462,7 @@ def _batch(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """A fresh random subset (§7.5); under QDrop with quantized inputs each element of the
     block input is the FP one with probability ``drop_prob``."""
-    idx = torch.randperm(len(data), generator=gens.cpu)[: config.batch_size]
-    idx = idx.to(data.inputs.device)
+    idx = gens.batch(len(data), config.batch_size, data.inputs.device)
     x = data.inputs[idx]
     if data.fp_inputs is not None:
         rand = torch.rand(x.shape, generator=gens.device, device=x.device, dtype=x.dtype)

@@ -75,12 +75,14 @@ def adalog_denominator(n_bits: int) -> int:
 def _fraction_numerators(n_bits: int, r: int) -> Tensor:
     """``round(2^(-j/r)·D)`` for j = 0..r-1, in float64 then exact integers (CPU, cached)."""
     d = adalog_denominator(n_bits)
-    return torch.tensor([round(2.0 ** (-j / r) * d) for j in range(r)], dtype=torch.int64)
+    numerators = [round(2.0 ** (-j / r) * d) for j in range(r)]
+    return torch.tensor(numerators, dtype=torch.int64, device="cpu")
 
 
 def _code_times_q(q: int | Tensor, n_bits: int) -> Tensor:
-    """``i·q`` for every code i = 0..N-1, shape ``q.shape + (N,)``."""
-    q = torch.as_tensor(q, dtype=torch.int64)
+    """``i·q`` for every code i = 0..N-1, shape ``q.shape + (N,)``, on q's device (a Python
+    int: the CPU)."""
+    q = torch.as_tensor(q, dtype=torch.int64, device=q.device if isinstance(q, Tensor) else "cpu")
     return q.unsqueeze(-1) * torch.arange(2**n_bits, dtype=torch.int64, device=q.device)
 
 

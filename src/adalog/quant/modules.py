@@ -95,10 +95,16 @@ class UniformQuantizer(_Quantizer):
     per-tensor fold).
     """
 
-    def __init__(self, n_bits: int, shape: Sequence[int] = (1,)) -> None:
+    def __init__(
+        self,
+        n_bits: int,
+        shape: Sequence[int] = (1,),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(n_bits)
-        self.register_buffer("scale", torch.ones(tuple(shape)))
-        self.register_buffer("zero_point", torch.zeros(tuple(shape)))
+        self.register_buffer("scale", torch.ones(tuple(shape), device=device, dtype=dtype))
+        self.register_buffer("zero_point", torch.zeros(tuple(shape), device=device, dtype=dtype))
 
     def set_params(self, scale: Tensor | float, zero_point: Tensor | float) -> None:
         """Set scale and zero point; a new shape replaces the buffer (and its grad flag)."""
@@ -122,7 +128,7 @@ class UniformQuantizer(_Quantizer):
     def representable_values(self) -> Tensor:
         """Sorted distinct values the quantizer can output (over all groups)."""
         self._require_codes()
-        codes = torch.arange(2**self.n_bits, dtype=self.scale.dtype)
+        codes = torch.arange(2**self.n_bits, dtype=self.scale.dtype, device=self.scale.device)
         grid = (codes[:, None] - torch.round(self.zero_point.reshape(1, -1))) * self.scale.reshape(
             1, -1
         )
@@ -147,10 +153,15 @@ class TwinUniformQuantizer(_Quantizer):
     ``s_pos``, negative codes use ``s_neg`` (at most one branch is non-zero per element).
     """
 
-    def __init__(self, n_bits: int) -> None:
+    def __init__(
+        self,
+        n_bits: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(n_bits)
-        self.register_buffer("s_pos", torch.tensor(1.0))
-        self.register_buffer("s_neg", torch.tensor(1.0))
+        self.register_buffer("s_pos", torch.ones((), device=device, dtype=dtype))
+        self.register_buffer("s_neg", torch.ones((), device=device, dtype=dtype))
 
     def set_params(
         self, s_pos: Tensor | float | None = None, s_neg: Tensor | float | None = None
@@ -178,7 +189,7 @@ class TwinUniformQuantizer(_Quantizer):
     def representable_values(self) -> Tensor:
         """Sorted distinct outputs: ``H`` positive-branch and ``H+1`` non-positive levels."""
         half = 2 ** (self.n_bits - 1)
-        return torch.unique(self.dequantize(torch.arange(-half, half)))
+        return torch.unique(self.dequantize(torch.arange(-half, half, device=self.s_pos.device)))
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}"
@@ -193,18 +204,28 @@ class LogQuantizer(_Quantizer):
     (``valid = false``, §10 item 4); ``dequantize`` maps ``N`` back to 0 (minus the shift).
     """
 
-    def __init__(self, n_bits: int, kind: str = "adalog", shift: float = 0.0) -> None:
+    def __init__(
+        self,
+        n_bits: int,
+        kind: str = "adalog",
+        shift: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(n_bits)
         if kind not in LOG_KINDS:
             raise ValueError(f"log quantizer kind must be one of {LOG_KINDS}, got {kind!r}")
         self.kind = kind
-        self.register_buffer("scale", torch.tensor(1.0))
-        self.register_buffer("shift", torch.tensor(float(shift)))
-        self.register_buffer("shift_folded", torch.tensor(False))
+        floats = {"device": device, "dtype": dtype}
+        self.register_buffer("scale", torch.ones((), **floats))
+        # the shift is a float32 constant (as in the reference), widened to the model's dtype
+        shift_t = torch.full((), float(shift), dtype=torch.float32, device=device)
+        self.register_buffer("shift", shift_t.to(dtype) if dtype is not None else shift_t)
+        self.register_buffer("shift_folded", torch.zeros((), dtype=torch.bool, device=device))
         if kind == "adalog":
-            self.register_buffer("q", torch.tensor(Q_INIT, dtype=torch.int64))
-            self.register_buffer("t1", torch.empty(0, dtype=torch.int64))
-            self.register_buffer("t2", torch.empty(0))
+            self.register_buffer("q", torch.full((), Q_INIT, dtype=torch.int64, device=device))
+            self.register_buffer("t1", torch.empty(0, dtype=torch.int64, device=device))
+            self.register_buffer("t2", torch.empty(0, **floats))
             self.update_tables()
 
     @property
@@ -293,7 +314,7 @@ class LogQuantizer(_Quantizer):
     def representable_values(self) -> Tensor:
         """Sorted distinct outputs in the input's domain (the shift subtracted even when it is
         folded into the next layer), the zero state included."""
-        values = self.dequantize(torch.arange(self.n_levels + 1))
+        values = self.dequantize(torch.arange(self.n_levels + 1, device=self.scale.device))
         return torch.unique(values - self.shift * self.shift_folded.to(values.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:

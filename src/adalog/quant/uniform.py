@@ -75,13 +75,13 @@ def asym_codes(
 
     ``x/s`` is rounded before the zero point is added; the stored zero point is rounded again.
     """
-    zp = _round(torch.as_tensor(zero_point), ste)
+    zp = _round(torch.as_tensor(zero_point, device=x.device), ste)
     return _clamp(_round(x / scale, ste) + zp, 0, 2**n_bits - 1, ste)
 
 
 def asym_dequant(codes: Tensor, scale: Tensor, zero_point: Tensor, ste: bool = False) -> Tensor:
     """Dequantize asymmetric codes: ``(c - round(z)) * s`` (§1.2)."""
-    return (codes - _round(torch.as_tensor(zero_point), ste)) * scale
+    return (codes - _round(torch.as_tensor(zero_point, device=codes.device), ste)) * scale
 
 
 def asym_fake_quant(

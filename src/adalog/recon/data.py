@@ -39,12 +39,12 @@ def augmented_views(
     n = images.shape[0]
     if size <= n:
         return images[:size].clone()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # the same views on every device
     views = [images]
     for i in range(n, size):
         view = _random_view(images[i % n], crop_scale_min, hflip, g)
         if mix_prob > 0 and n > 1 and _uniform(g, 0.0, 1.0) < mix_prob:
-            other = (i + int(torch.randint(1, n, (1,), generator=g))) % n
+            other = (i + int(torch.randint(1, n, (1,), generator=g, device=g.device))) % n
             patch = _random_view(images[other], crop_scale_min, hflip, g)
             view = _paste_box(view, patch, g)
         views.append(view[None])
@@ -80,13 +80,13 @@ def _random_box(
     ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
     w = min(width, max(1, round(math.sqrt(area * ratio))))
     h = min(height, max(1, round(math.sqrt(area / ratio))))
-    top = int(torch.randint(0, height - h + 1, (1,), generator=g))
-    left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+    top = int(torch.randint(0, height - h + 1, (1,), generator=g, device=g.device))
+    left = int(torch.randint(0, width - w + 1, (1,), generator=g, device=g.device))
     return top, left, h, w
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=g))
+    return lo + (hi - lo) * float(torch.rand((), generator=g, device=g.device))
 
 
 @dataclass

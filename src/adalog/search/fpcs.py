@@ -124,7 +124,8 @@ def _stage(
 
 def _children(parents: Tensor, delta: Tensor, n_children: int, floor: float | None) -> Tensor:
     """Child i of parent r (index r*M + i) sits at ``s + (i/(M-1) - 1/2) * Δ`` (§5.4)."""
-    steps = torch.arange(n_children, dtype=torch.float64) / (n_children - 1) - 0.5
+    steps = torch.arange(n_children, dtype=torch.float64, device=parents.device)
+    steps = steps / (n_children - 1) - 0.5
     offsets = steps.to(dtype=parents.dtype, device=parents.device)
     kids = (parents[:, None, :] + offsets[None, :, None] * delta).reshape(-1, parents.shape[1])
     return kids if floor is None else kids.clamp_min(floor)

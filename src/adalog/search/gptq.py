@@ -59,7 +59,10 @@ def gptq_round(
     diag = torch.diagonal(h)
     dead = diag == 0
     diag[dead] = 1.0
-    order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_in)
+    if act_order:
+        order = torch.argsort(diag, descending=True, stable=True)
+    else:
+        order = torch.arange(n_in, device=h.device)
     h = h[order][:, order]
     w = w[:, order]
     torch.diagonal(h).add_(damp * float(torch.diagonal(h).mean()))

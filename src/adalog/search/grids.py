@@ -153,7 +153,8 @@ def dense_scale_grid(lo: float | Tensor, hi: float | Tensor, n_points: int) -> T
     """``lo + (hi - lo) * i / (n_points - 1)`` for i = 0..n_points-1 (§5.2e, §5.5 step 2)."""
     if n_points < 2:
         raise ValueError(f"a scale grid needs at least 2 points, got {n_points}")
-    lo_t = torch.as_tensor(lo)
+    device = next((t.device for t in (lo, hi) if isinstance(t, Tensor)), torch.device("cpu"))
+    lo_t = torch.as_tensor(lo, device=device)
     hi_t = torch.as_tensor(hi, dtype=lo_t.dtype, device=lo_t.device)
     frac = torch.arange(n_points, dtype=lo_t.dtype, device=lo_t.device) / (n_points - 1)
     return lo_t + (hi_t - lo_t) * frac

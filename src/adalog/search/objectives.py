@@ -54,12 +54,23 @@ def kept_capacity(product_bytes: int, min_kept: int, memory: int, max_memory: in
     return max(1, budget // product_bytes)
 
 
+def int8_gram(codes: Tensor, ones: Tensor, wide: bool = False) -> tuple[Tensor, Tensor]:
+    """``codes·codesᵀ`` and the row sums of int8 ``codes`` ``(C, T)``, exact, in float64:
+    through ``torch._int_mm`` (int32 accumulation; ``ones`` is an int8 ``(T, 8)`` of ones), or
+    with ``wide`` through a float64 GEMM (CUDA's ``_int_mm`` wants padded shapes; float64
+    products of integers below 2^7 summed over fewer than 2^39 terms are exact as well)."""
+    if wide:
+        codes64 = codes.double()
+        return codes64 @ codes64.T, codes64.sum(1)
+    return torch._int_mm(codes, codes.T).double(), torch._int_mm(codes, ones)[:, 0].double()
+
+
 def sum_of_squares(values: Tensor, buffer: Tensor) -> Tensor:
     """``Σ v²`` of contiguous ``values``, squared in place in their dtype and summed in float64
     through the float64 ``buffer``, a chunk at a time: ``sum(dtype=float64)`` of a float32
     tensor converts element by element and is about 5x slower on large tensors."""
     flat = values.view(-1)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=values.device)
     step = buffer.numel()
     for start in range(0, flat.numel(), step):
         part = flat[start : start + step].square_()
@@ -149,7 +160,7 @@ def input_self_error(x: Tensor, n_bits: int) -> Callable[[Tensor, Tensor], Tenso
         if per_channel not in tables:
             groups = flat.T if per_channel else flat.reshape(1, -1)
             values = torch.sort(groups, dim=1).values.contiguous()
-            prefix = torch.zeros(values.shape[0], values.shape[1] + 1, dtype=torch.float64)
+            prefix = values.new_zeros(values.shape[0], values.shape[1] + 1, dtype=torch.float64)
             torch.cumsum(values.double(), 1, out=prefix[:, 1:])
             total = values.double().square().sum(1)
             tables[per_channel] = values, prefix, total
@@ -159,19 +170,20 @@ def input_self_error(x: Tensor, n_bits: int) -> Callable[[Tensor, Tensor], Tenso
         values, prefix, total = sorted_tables(scales.shape[1] > 1)
         groups, n_cands = values.shape[0], scales.shape[0]
         s, zr = scales.double().T[..., None], torch.round(zps.double()).T[..., None]  # (G, K, 1)
-        steps = (torch.arange(n_levels - 1, dtype=torch.float64) + 0.5 - zr) * s
+        codes = torch.arange(n_levels, dtype=torch.float64, device=zr.device)
+        steps = (codes[:-1] + 0.5 - zr) * s
         below = torch.searchsorted(values, steps.reshape(groups, -1).to(values.dtype))
         ends = torch.cat(
             [
-                torch.zeros(groups, n_cands, 1, dtype=below.dtype),
+                below.new_zeros(groups, n_cands, 1),
                 below.reshape(groups, n_cands, -1),
-                torch.full((groups, n_cands, 1), values.shape[1], dtype=below.dtype),
+                below.new_full((groups, n_cands, 1), values.shape[1]),
             ],
             -1,
         )  # code c holds the sorted inputs ends[c] .. ends[c + 1]
         sums = prefix.gather(1, ends.reshape(groups, -1)).reshape(ends.shape).diff(dim=-1)
         counts = ends.diff(dim=-1).double()
-        levels = (torch.arange(n_levels, dtype=torch.float64) - zr) * s  # x̂ of each code
+        levels = (codes - zr) * s  # x̂ of each code
         errors = total[:, None] - (levels * (2 * sums - levels * counts)).sum(-1)
         return errors.T
 
@@ -225,12 +237,12 @@ def uniform_input_error(
     flat = x.reshape(-1)
     order = torch.argsort(flat)
     sorted_x = flat[order].contiguous()
-    prefix = torch.zeros(flat.numel() + 1, dtype=torch.float64)
+    prefix = flat.new_zeros(flat.numel() + 1, dtype=torch.float64)
     prefix[1:] = torch.cumsum(proj[order].double(), 0)
     x_t = x.T.contiguous()
     offset = n_levels // 2  # codes k - offset fit int8 for up to 8 bits
     rows_per_gemm = max(1, (2**31 - 1) // offset**2)
-    steps = torch.arange(n_levels - 1, dtype=torch.float64) + 0.5
+    steps = torch.arange(n_levels - 1, dtype=torch.float64, device=x.device) + 0.5
 
     def linear_terms(scales: Tensor, zps: Tensor) -> Tensor:
         """``⟨K, (Y-b)Ŵ⟩`` per candidate: codes are constant between thresholds (c + ½)·s."""
@@ -240,26 +252,28 @@ def uniform_input_error(
         first, last = torch.zeros_like(pos[:, :1]), torch.full_like(pos[:, :1], flat.numel())
         ends = torch.cat([first, pos, last], 1)
         segments = prefix[ends[:, 1:]] - prefix[ends[:, :-1]]
-        values = torch.arange(n_levels, dtype=torch.float64) - zr[:, None]
+        values = torch.arange(n_levels, dtype=torch.float64, device=zr.device) - zr[:, None]
         return (segments * values).sum(1)
 
     # reused work buffers: fresh multi-MB tensors per candidate cost page faults, not math
     shifted = torch.empty_like(x_t)
-    codes_t = torch.empty(x_t.shape, dtype=torch.int8)
-    ones = torch.ones(min(rows_per_gemm, x_t.shape[1]), 8, dtype=torch.int8)
+    codes_t = torch.empty_like(x_t, dtype=torch.int8)
+    ones = x_t.new_ones(min(rows_per_gemm, x_t.shape[1]), 8, dtype=torch.int8)
 
     def code_gram(scale: float, zr: float) -> Tensor:
         """``KᵀK`` of the centred codes ``K = K' + c`` from an int8 GEMM of ``K' = k - offset``:
         ``KᵀK = K'ᵀK' + c(u1ᵀ + 1uᵀ) + c²T`` with ``u`` the column sums of ``K'``, which an
-        int8 GEMM against ones also gives exactly (a plain int8 → int64 sum is 20x slower)."""
+        int8 GEMM against ones also gives exactly (a plain int8 → int64 sum is 20x slower;
+        on CUDA a float64 GEMM, see :func:`int8_gram`)."""
         torch.div(x_t, scale, out=shifted).round_().clamp_(-zr, n_levels - 1 - zr)
         codes_t.copy_(shifted.add_(zr - offset))
-        gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-        sums = torch.zeros(x.shape[1], dtype=torch.float64)
+        gram = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        sums = x.new_zeros(x.shape[1], dtype=torch.float64)
         for start in range(0, codes_t.shape[1], rows_per_gemm):
             part = codes_t[:, start : start + rows_per_gemm].contiguous()
-            gram += torch._int_mm(part, part.T).double()
-            sums += torch._int_mm(part, ones[: part.shape[1]])[:, 0].double()
+            part_gram, part_sums = int8_gram(part, ones[: part.shape[1]], wide=part.is_cuda)
+            gram += part_gram
+            sums += part_sums
         c = offset - zr
         return gram + c * (sums[:, None] + sums[None, :]) + c * c * codes_t.shape[1]
 
@@ -288,7 +302,7 @@ def log_exponent(x: Tensor, shift: float) -> Tensor:
 def log_lut(levels: Tensor, scale: Tensor, shift: float, max_code: int) -> Tensor:
     """Dequantized value of every code ``0..max_code`` (codes ≥ N are the zero state)."""
     n = levels.shape[-1]
-    lut = torch.zeros(*levels.shape[:-1], max(n, max_code + 1), dtype=levels.dtype)
+    lut = levels.new_zeros(*levels.shape[:-1], max(n, max_code + 1))
     lut[..., :n] = levels * scale[..., None]
     return lut - shift
 
@@ -307,7 +321,8 @@ def log_codes_from_exponent(log_x: Tensor, log_scale: Tensor, ratio: Tensor) -> 
 def lut_values(luts: Tensor, codes: Tensor) -> Tensor:
     """``luts[k][codes[k]]`` for ``luts`` ``(k, L)`` and int32 ``codes`` ``(k, ...)``."""
     if luts.shape[0] > 1:
-        offsets = torch.arange(luts.shape[0], dtype=codes.dtype) * luts.shape[1]
+        offsets = torch.arange(luts.shape[0], dtype=codes.dtype, device=codes.device)
+        offsets = offsets * luts.shape[1]
         codes = codes + offsets.view(-1, *([1] * (codes.dim() - 1)))
     return torch.index_select(luts.reshape(-1), 0, codes.reshape(-1)).view(codes.shape)
 
@@ -373,10 +388,10 @@ class LogInputError:
         self.counters = {"full": 0, "sparse": 0}
         # reused work buffers: fresh multi-MB tensors per candidate cost page faults, not math
         self._exponent = torch.empty_like(log_x)
-        self._codes = torch.empty(log_x.shape, dtype=torch.int32)
+        self._codes = torch.empty_like(log_x, dtype=torch.int32)
         self._inputs = torch.empty_like(log_x)
         self._residual = torch.empty_like(self.target)
-        self._square_buffer = torch.empty(2**16, dtype=torch.float64)
+        self._square_buffer = log_x.new_empty(2**16, dtype=torch.float64)
 
     def __call__(
         self, levels: Tensor, keys: list[int], scales: Tensor, log_scales: Tensor, ratios: Tensor
@@ -402,7 +417,7 @@ class LogInputError:
     def _full(self, levels: Tensor, log_scale: Tensor, ratio: Tensor) -> Tensor:
         self.counters["full"] += 1
         max_code = int(LOG_FLOOR_EXPONENT * float(ratio)) + 1
-        table = torch.zeros(max(levels.numel(), max_code + 1), dtype=levels.dtype)
+        table = levels.new_zeros(max(levels.numel(), max_code + 1))
         table[: levels.numel()] = levels
         # log_codes_from_exponent's float steps, into the work buffers
         exponent = torch.sub(log_scale, self.log_x, out=self._exponent)
@@ -413,7 +428,7 @@ class LogInputError:
 
     def _counts(self, log_scale: Tensor, ratio: Tensor, n_levels: int) -> Tensor:
         """``p_k`` = inputs with code > k, near the thresholds ``log s − (k + ½)/ratio``."""
-        k = torch.arange(n_levels)
+        k = torch.arange(n_levels, device=log_scale.device)
         thresholds = (log_scale - (k + 0.5) / ratio).to(self.sorted_log.dtype)
 
         def codes_of(values: Tensor, _candidates: slice) -> Tensor:
@@ -439,7 +454,7 @@ class LogInputError:
         rows, cols = self.rows[positions], self.cols[positions]
         shape = self.log_x.shape
         sparse = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), values, shape, check_invariants=False
+            torch.stack([rows, cols]), values, shape, check_invariants=False, device=values.device
         )
         return parent.product + torch.sparse.mm(sparse, self.w_t)
 
@@ -510,7 +525,7 @@ class GramOperandError:
         self.sorted_neg = (-descending.values).contiguous()  # ascending; codes never increase
         self.order = descending.indices
         proj_sorted = self.proj.reshape(groups, -1).gather(1, self.order)
-        self.prefix = torch.zeros(groups, per_group + 1, dtype=torch.float64)
+        self.prefix = self.x.new_zeros(groups, per_group + 1, dtype=torch.float64)
         self.prefix[:, 1:] = torch.cumsum(proj_sorted.double(), 1)
         self.kept: list[list[_Operand]] = [[] for _ in range(groups)]
         self.counters = {"full": 0, "sparse": 0}
@@ -518,7 +533,7 @@ class GramOperandError:
     def __call__(self, scales: Tensor, zps: Tensor) -> Tensor:
         """Errors ``(K, G)`` (float64, up to a constant) of candidates ``(K, G)``."""
         zps = torch.round(zps.to(self.x.dtype))
-        errors = torch.empty(scales.shape, dtype=torch.float64)
+        errors = scales.new_empty(scales.shape, dtype=torch.float64)
         kept = []
         for g in range(scales.shape[1]):
             errors[:, g], best = self._group(g, scales[:, g], zps[:, g])
@@ -564,7 +579,7 @@ class GramOperandError:
     def _counts(self, g: int, scales: Tensor, zps: Tensor) -> Tensor:
         """``(K, N-1)`` elements with code > k, i.e. ``round(x/s) + z > k``: near
         ``x = (k − z + ½)·s``, settled with :meth:`_centred_codes`' float steps."""
-        k = torch.arange(self.n_levels - 1, dtype=torch.float64)
+        k = torch.arange(self.n_levels - 1, dtype=torch.float64, device=scales.device)
         steps = k[None] - zps.double()[:, None] + 0.5
         thresholds = (-steps * scales.double()[:, None]).to(self.x.dtype)
 
@@ -580,9 +595,11 @@ class GramOperandError:
         point, or −1 where none is within ``max_changed`` changed codes."""
         kept = self.kept[g]
         if not kept:
-            return torch.full((counts.shape[0],), -1)
+            return counts.new_full((counts.shape[0],), -1)
         kept_counts = torch.stack([entry.counts for entry in kept])
-        kept_zps = torch.tensor([entry.zero_point for entry in kept], dtype=zps.dtype)
+        kept_zps = torch.tensor(
+            [entry.zero_point for entry in kept], dtype=zps.dtype, device=zps.device
+        )
         changed = (counts[:, None, :] - kept_counts[None]).abs().sum(2)
         changed[zps[:, None] != kept_zps[None]] = self.max_changed + 1
         distance, nearest = changed.min(1)  # ties: the better-ranked parent
@@ -596,10 +613,12 @@ class GramOperandError:
         ``entries`` with each child's lazily updated ``U``."""
         kept = self.kept[g]
         own, theirs = counts[children], torch.stack([kept[p].counts for p in parents.tolist()])
-        steps = torch.ones(own.numel(), dtype=self.x.dtype)
+        steps = self.x.new_ones(own.numel())
         positions, values = boundary_changes(own.flatten(), theirs.flatten(), steps)
         changed = (own - theirs).abs().sum(1)
-        child = torch.repeat_interleave(torch.arange(children.numel()), changed)
+        child = torch.repeat_interleave(
+            torch.arange(children.numel(), device=changed.device), changed
+        )
         flat = self.order[g][positions]
         rows, cols = flat // self.width, flat % self.width  # row (b, r) and column j of x[g]
         n_rows = self.x.shape[1] * self.rows_per_item
@@ -610,13 +629,14 @@ class GramOperandError:
             values,
             (touched.numel(), self.x.shape[1] * self.width),
             check_invariants=False,
+            device=values.device,
         )
         delta = torch.sparse.mm(sparse, self.gram[g].reshape(-1, self.width))  # rows of DG
         # ⟨D, U⟩ reads each parent's U at its children's entries (no copy of the products)
         entry_parent = parents[child]
         order = torch.argsort(entry_parent, stable=True)
         sizes = torch.bincount(entry_parent, minlength=len(kept)).tolist()
-        above = torch.empty(flat.numel(), dtype=torch.float64)
+        above = values.new_empty(flat.numel(), dtype=torch.float64)
         for p, chunk in enumerate(torch.split(order, sizes)):
             if chunk.numel():
                 above[chunk] = kept[p].product().reshape(-1)[flat[chunk]].double()
@@ -624,7 +644,8 @@ class GramOperandError:
         gain = 2 * v64 * above + v64 * delta[local, cols].double()
         quads = torch.stack([kept[p].quad for p in parents.tolist()])
         quads = quads.index_add_(0, child, gain)
-        bounds = torch.searchsorted(touched, torch.arange(children.numel() + 1) * n_rows).tolist()
+        starts = torch.arange(children.numel() + 1, device=touched.device) * n_rows
+        bounds = torch.searchsorted(touched, starts).tolist()
         for m, k in enumerate(children.tolist()):
             parent, lo, hi = kept[int(parents[m])], bounds[m], bounds[m + 1]
             update = (
@@ -648,10 +669,10 @@ def prefix_counts(
     candidates)`` itself (the quantizer's own float steps on ``values`` ``(k, ...)`` for the
     candidates in the slice), so the counts agree with the codes a full recomputation gives."""
     n = sorted_values.numel()
-    k = torch.arange(thresholds.shape[-1])
+    k = torch.arange(thresholds.shape[-1], device=thresholds.device)
     approx = torch.searchsorted(sorted_values, thresholds.contiguous())
     lo, hi = (approx - window).clamp(0, n), (approx + window).clamp(0, n)
-    index = lo[..., None] + torch.arange(2 * window)
+    index = lo[..., None] + torch.arange(2 * window, device=lo.device)
     every = slice(None)
     codes = codes_of(sorted_values[index.clamp(max=n - 1)], every)
     counts = lo + ((codes > k[:, None]) & (index < hi[..., None])).sum(-1)
@@ -672,7 +693,7 @@ def boundary_changes(counts: Tensor, parent: Tensor, steps: Tensor) -> tuple[Ten
     lengths = hi - lo
     step = steps * torch.sign(counts - parent).to(steps.dtype)
     starts = torch.repeat_interleave(lo - (torch.cumsum(lengths, 0) - lengths), lengths)
-    positions = torch.arange(int(lengths.sum())) + starts
+    positions = torch.arange(int(lengths.sum()), device=starts.device) + starts
     return positions, torch.repeat_interleave(step, lengths)
 
 

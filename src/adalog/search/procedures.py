@@ -201,8 +201,8 @@ def calibrate_post_gelu_log(
     _set_rows(weight_quant, _search(settings, weight_self_error(weight, n_w), w_grid))
     scale_grid = adalog_scale_grid(x, settings.eq_n, shift)
     log_x = log_exponent(x, shift)
-    q_cands = adalog_q_candidates(settings.eq_n)
-    scale, q = scale_grid.scales[-2], torch.tensor(37)
+    q_cands = adalog_q_candidates(settings.eq_n, device=x.device)
+    scale, q = scale_grid.scales[-2], torch.tensor(37, device=x.device)
     own_kind = input_quant.kind if not transplant else "adalog"
     for _ in range(settings.rounds):
         scorer_type = naive.LogInputScorer if settings.naive else _LogInputScorer
@@ -278,7 +278,7 @@ class _LogInputScorer:
     def fixed(self, scales: Tensor, kind: str) -> Tensor:
         n = 2**self.n_bits
         ratio = 1.0 if kind == "log2" else 2.0
-        k = torch.arange(n, dtype=scales.dtype)
+        k = torch.arange(n, dtype=scales.dtype, device=scales.device)
         levels = (2.0 ** (-k / ratio)).expand(scales.shape[0], n)
         keys = [self.FIXED_KEYS[kind]] * scales.shape[0]
         return self.error(levels, keys, scales, torch.log2(scales), torch.full_like(scales, ratio))
@@ -297,11 +297,11 @@ def calibrate_post_gelu_twin(
     target = y if bias is None else y - bias
     n_w, n_a = weight_quant.n_bits, input_quant.n_bits
     half = 2 ** (n_a - 1)
-    s_neg = torch.tensor(twin_neg_scale(n_a))
+    s_neg = torch.tensor(twin_neg_scale(n_a), device=x.device)  # default dtype, as before
     input_quant.set_params(s_pos=x.abs().max() / (half - 0.5), s_neg=s_neg)
     w_grid = weight_grid(weight, n_w, settings.eq_n, settings.zp_cap)
     _set_rows(weight_quant, _search(settings, weight_self_error(weight, n_w), w_grid))
-    candidates = twin_pos_candidates(n_a)
+    candidates = twin_pos_candidates(n_a, device=x.device)
     for _ in range(settings.rounds):
         w_hat = weight_quant(weight)
 
@@ -397,7 +397,8 @@ def calibrate_matmul_av(
                 score_q = naive.post_softmax_base_error(attn, v_hat, target, n_s)
             else:
                 score_q = partial(base_error, v_hat=v_hat)
-            a_quant.set_q(best_q(score_q, adalog_q_candidates(settings.eq_n)).q)
+            q_cands = adalog_q_candidates(settings.eq_n, device=attn.device)
+            a_quant.set_q(best_q(score_q, q_cands).q)
         score_b = _operand_b(settings)(a_quant(attn), v, target, n_b)
         _per_head(b_quant, _search(settings, score_b, b_grid))
 
@@ -415,19 +416,21 @@ class _AvBaseError:
         self.exponent = (0.0 - log_attn).clamp_(0.0, LOG_FLOOR_EXPONENT)
         self.target, self.n_bits = target, n_bits
         self._scaled = torch.empty_like(self.exponent)
-        self._codes = torch.empty(attn.shape, dtype=torch.int32)
+        self._codes = torch.empty(attn.shape, dtype=torch.int32, device=attn.device)
         self._values = torch.empty_like(attn)
 
     def __call__(self, qs: Tensor, v_hat: Tensor) -> Tensor:
         return torch.stack([self._error(int(q), v_hat) for q in qs])
 
     def _error(self, q: int, v_hat: Tensor) -> Tensor:
-        ratio = torch.tensor(ADALOG_R / q)
+        device = self.exponent.device
+        ratio = torch.tensor(ADALOG_R / q, device=device)  # default dtype, as it always was
         torch.mul(self.exponent, ratio, out=self._scaled).round_()
         codes = self._codes.copy_(self._scaled).view(-1)
         max_code = int(LOG_FLOOR_EXPONENT * ADALOG_R / q) + 1
-        levels = adalog_levels(q, self.n_bits, dtype=self._values.dtype)
-        lut = log_lut(levels, torch.ones((), dtype=levels.dtype), 0.0, max_code)
+        q_t = torch.tensor(q, dtype=torch.int64, device=device)
+        levels = adalog_levels(q_t, self.n_bits, dtype=self._values.dtype)
+        lut = log_lut(levels, torch.ones((), dtype=levels.dtype, device=device), 0.0, max_code)
         torch.index_select(lut, 0, codes, out=self._values.view(-1))
         return (self._values @ v_hat - self.target).square_().sum()
 
