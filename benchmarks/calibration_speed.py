@@ -9,7 +9,12 @@ Example (the issue's benchmark):
     python benchmarks/calibration_speed.py --out benchmarks/logs/calibration_speed.json
 
 ``--blocks N`` keeps only the first N transformer blocks of ViT/DeiT models (then the head): a
-quick per-module breakdown, e.g. ``--models vit_tiny_patch16_224 --blocks 1``.
+quick per-module breakdown, e.g. ``--models vit_tiny_patch16_224 --blocks 1``, or a measured
+part of a model too slow to calibrate whole; the JSON then also holds the whole model's time
+extrapolated from the mean block (``extrapolated_seconds``, said so in the table).
+
+Any timm ViT/DeiT/Swin name works (random weights unless shared ones exist), at its own input
+size; ``--device cuda`` calibrates on a GPU and records ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from adalog.config import AdaLogConfig
+from adalog.devices import resolve_device
 from adalog.io import atomic_write_json
 from adalog.models import create_model
 from adalog.pipelines.calibrate import calibrate
@@ -53,41 +59,71 @@ def seconds_by_kind(timings: dict[str, float]) -> dict[str, float]:
     return dict(by_kind)
 
 
-def _calibration_images(name: str, n_images: int) -> tuple[torch.Tensor, str]:
+def _calibration_images(model: torch.nn.Module, name: str, n_images: int):
     if name == VIT_TINY and REFERENCE_CALIB.exists():
         return load_file(REFERENCE_CALIB)["x"][:n_images], "reference calib32 tensors"
-    size = 224
+    _, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(n_images, 3, size, size, generator=gen), "seeded random images"
+    return torch.randn(n_images, 3, height, width, generator=gen), "seeded random images"
 
 
-def _truncate(model: torch.nn.Module, n_blocks: int | None) -> None:
+def _extrapolated(timings: dict[str, float], kept: int, depth: int) -> float:
+    """Whole-model seconds from a run of the first ``kept`` of ``depth`` blocks: the searches
+    and capture passes of the mean block times ``depth``, plus the modules outside the blocks
+    (patch embedding, head) as measured."""
+    per_block = sum(t for m, t in timings.items() if m.startswith("blocks.") or m == "capture")
+    outside = sum(t for m, t in timings.items() if not m.startswith("blocks.") and m != "capture")
+    return per_block / kept * depth + outside
+
+
+def _truncate(model: torch.nn.Module, n_blocks: int | None) -> int | None:
+    """Keep the first ``n_blocks`` blocks; return the model's full depth."""
     if n_blocks is None:
-        return
+        return None
     if not hasattr(model, "blocks"):
         raise SystemExit(f"--blocks needs a ViT/DeiT model with .blocks, not {type(model)}")
+    depth = len(model.blocks)
     model.blocks = model.blocks[:n_blocks]
+    return depth
 
 
 def _run_one(
-    name: str, config_dict: dict, n_images: int, n_blocks: int | None, workers: int, queue
+    name: str,
+    config_dict: dict,
+    n_images: int,
+    n_blocks: int | None,
+    workers: int,
+    device: str,
+    queue,
 ) -> None:
     config = AdaLogConfig.from_dict(config_dict)
+    device = resolve_device(device)
     weights = SHARED_WEIGHTS.get(name)
     if weights is not None and weights.exists():
         model, source = create_model(name, weights=str(weights)), "shared weights"
     else:
         torch.manual_seed(0)
         model, source = create_model(name, pretrained=False), "random init"
-    _truncate(model, n_blocks)
-    images, image_source = _calibration_images(name, n_images)
+    depth = _truncate(model, n_blocks)
+    images, image_source = _calibration_images(model, name, n_images)
+    model.to(device)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     calibrate(model, images, config, timings=timings, search_workers=workers)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     total = time.perf_counter() - start
+    extra = {}
+    if depth is not None:
+        extra["extrapolated_seconds"] = _extrapolated(timings, n_blocks, depth)
+        extra["depth"] = depth
+    if device.type == "cuda":
+        extra["cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        extra["gpu"] = torch.cuda.get_device_name(device)
     queue.put(
         {
             "model": name if n_blocks is None else f"{name} (first {n_blocks} blocks)",
+            "device": str(device),
             "weights": source,
             "images": f"{images.shape[0]} {image_source}",
             "calib_seconds": total,
@@ -96,16 +132,22 @@ def _run_one(
             "seconds_by_module": timings,
             "search_workers": workers,
             "threads": torch.get_num_threads(),
+            **extra,
         }
     )
 
 
 def run_isolated(
-    name: str, config: AdaLogConfig, n_images: int, n_blocks: int | None, workers: int
+    name: str,
+    config: AdaLogConfig,
+    n_images: int,
+    n_blocks: int | None,
+    workers: int,
+    device: str = "cpu",
 ) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    args = (name, config.to_dict(), n_images, n_blocks, workers, queue)
+    args = (name, config.to_dict(), n_images, n_blocks, workers, device, queue)
     proc = ctx.Process(target=_run_one, args=args)
     proc.start()
     result = queue.get()
@@ -114,12 +156,17 @@ def run_isolated(
 
 
 def print_tables(rows: list[dict]) -> None:
-    print("| model | weights | calibration | peak RSS |")
-    print("|---|---|---|---|")
+    columns = ["model", "weights", "device", "calibration", "whole model (extrapolated)"]
+    columns += ["peak RSS", "GPU memory"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in rows:
+        whole = r.get("extrapolated_seconds")
+        whole = f"{whole / 60:.1f} min from {r['depth']} blocks" if whole else "–"
+        gpu = f"{r['cuda_max_memory_mb']:.0f} MB" if "cuda_max_memory_mb" in r else "–"
         print(
-            f"| {r['model']} | {r['weights']} | {r['calib_seconds'] / 60:.1f} min "
-            f"| {r['peak_rss_mb']:.0f} MB |"
+            f"| {r['model']} | {r['weights']} | {r.get('device', 'cpu')} "
+            f"| {r['calib_seconds'] / 60:.1f} min | {whole} | {r['peak_rss_mb']:.0f} MB | {gpu} |"
         )
     for r in rows:
         # parallel searches overlap, so shares are of the summed search seconds, not wall time
@@ -142,13 +189,16 @@ def main() -> None:
     parser.add_argument(
         "--search-workers", type=int, default=1, help="module searches run at once (default 1)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     config = AdaLogConfig.preset(args.preset, search_engine=args.engine, **overrides)
     rows = []
     for name in args.models:
-        rows.append(run_isolated(name, config, args.images, args.blocks, args.search_workers))
+        rows.append(
+            run_isolated(name, config, args.images, args.blocks, args.search_workers, args.device)
+        )
         payload = {
             "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
