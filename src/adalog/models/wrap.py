@@ -77,9 +77,9 @@ class _QuantizerFactory:
     def __init__(self, config: AdaLogConfig, model: nn.Module) -> None:
         self.config = config
         parameter = next(model.parameters(), None)
-        self.factory = {} if parameter is None else {
-            "device": parameter.device, "dtype": parameter.dtype
-        }  # fmt: skip
+        self.factory: dict = {}
+        if parameter is not None:
+            self.factory = {"device": parameter.device, "dtype": parameter.dtype}
 
     def uniform(self, n_bits: int, shape: tuple[int, ...] = (1,)) -> UniformQuantizer:
         return UniformQuantizer(n_bits, shape, **self.factory)
