@@ -115,8 +115,8 @@ def _run_one(
     total = time.perf_counter() - start
     extra = {}
     if depth is not None:
-        extra["extrapolated_seconds"] = _extrapolated(timings, n_blocks, depth)
-        extra["depth"] = depth
+        extra["extrapolated_seconds"] = _extrapolated(timings, min(n_blocks, depth), depth)
+        extra["blocks_measured"], extra["depth"] = min(n_blocks, depth), depth
     if device.type == "cuda":
         extra["cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         extra["gpu"] = torch.cuda.get_device_name(device)
@@ -162,7 +162,11 @@ def print_tables(rows: list[dict]) -> None:
     print("|" + "---|" * len(columns))
     for r in rows:
         whole = r.get("extrapolated_seconds")
-        whole = f"{whole / 60:.1f} min from {r['depth']} blocks" if whole else "–"
+        whole = (
+            f"{whole / 60:.1f} min ({r['blocks_measured']} of {r['depth']} blocks measured)"
+            if whole
+            else "–"
+        )
         gpu = f"{r['cuda_max_memory_mb']:.0f} MB" if "cuda_max_memory_mb" in r else "–"
         print(
             f"| {r['model']} | {r['weights']} | {r.get('device', 'cpu')} "

@@ -77,6 +77,19 @@ def test_unreadable_image_in_a_worker_is_one_error_line(tmp_path: Path, tiny_fol
     assert lines[0].endswith("n01440764_9.png'")
 
 
+def test_a_worker_error_keeps_its_whole_message():
+    from adalog.cli import _one_line
+    from adalog.errors import DataError
+
+    text = (
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\nadalog.errors.DataError: cannot read image '
+        "a.png: broken\nsecond line"
+    )
+    assert _one_line(DataError(text)) == "cannot read image a.png: broken\nsecond line"
+    assert _one_line(DataError("plain message")) == "plain message"
+
+
 @pytest.mark.slow
 def test_fp32_vit_tiny_on_shared_dev_is_0_826(tmp_path: Path):
     require_shared()

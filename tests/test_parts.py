@@ -37,6 +37,9 @@ def test_vit_names_resolve_to_parts_and_fold_targets():
     assert TIMM_VIT.block_of("blocks.3.mlp.fc1") == "blocks.3"
     assert TIMM_VIT.block_of("head") == "head"
     assert TIMM_VIT.rank("blocks.0.attn.proj") > TIMM_VIT.rank("blocks.0.attn.matmul2")
+    # distilled DeiT's second head is quantized as a head but not reconstructed on its own
+    linear = torch.nn.Linear(2, 2)
+    assert TIMM_VIT.is_unit("head", linear) and not TIMM_VIT.is_unit("head_dist", linear)
 
 
 def test_swin_names_resolve_to_parts_and_fold_targets():

@@ -33,7 +33,7 @@ def _add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
         "--device",
         default="auto",
         help=f"device to {what}: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N; "
-        "checkpoints do not depend on it",
+        "checkpoints hold CPU tensors and load anywhere",
     )
 
 
@@ -498,9 +498,9 @@ def _one_line(exc: AdalogError) -> str:
     text = str(exc)
     if "Original Traceback" not in text:
         return text
-    last = text.rstrip().splitlines()[-1]
-    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
-    return last.removeprefix(prefix)
+    prefix = f"\n{type(exc).__module__}.{type(exc).__qualname__}: "
+    start = text.rfind(prefix)
+    return text[start + len(prefix) :].strip() if start >= 0 else text
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class FamilyParts:
     #: by their own name (Swin's ``downsample``)
     block_lists: tuple[str, ...] = ("blocks",)
     block_names: tuple[str, ...] = ()
+    #: the heads reconstructed as units (distilled DeiT's ``head_dist`` is quantized as a head
+    #: but not reconstructed on its own: a ``kl_tail`` unit merges only ``head``)
+    unit_heads: tuple[str, ...] = ("head",)
 
     def part_of(self, name: str) -> str | None:
         """The part the module called ``name`` plays, or None (an unnamed linear, a conv)."""
@@ -86,7 +89,7 @@ class FamilyParts:
 
     def is_unit(self, name: str, module: nn.Module) -> bool:
         """Whether ``module`` is reconstructed as one unit: a block, or a head."""
-        return isinstance(module, self.units) or name in self.heads
+        return isinstance(module, self.units) or name in self.unit_heads
 
     def find(self, model: nn.Module, part: str) -> list[tuple[str, nn.Module]]:
         """Every module of ``model`` playing ``part``, in ``named_modules`` order."""

@@ -309,7 +309,7 @@ def calibrate(
             return target.name
 
         jobs = [(t, records.pop(t.name)) for t in searched]
-        with exact_matmuls():
+        with exact_matmuls(enabled=images.is_cuda):
             for _ in _run_searches(jobs, search, search_workers):
                 bar.update()
         if resume_dir is not None:

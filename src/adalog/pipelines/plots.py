@@ -42,7 +42,7 @@ def capture_activations(model: nn.Module, images: Tensor, block: int) -> dict[st
     for key, (part, _, _) in ACTIVATIONS.items():
 
         def hook(module, inputs, output, key=key):
-            captured[key] = inputs[0].detach().flatten()
+            captured[key] = inputs[0].detach().flatten().cpu()  # numpy plots it
 
         handles.append(_block_module(model, block, part).register_forward_hook(hook))
     with torch.no_grad():
