@@ -3,6 +3,8 @@
 # DeiT-Tiny, several calibration seeds each, one run after another (12-20 min each on the 2-core
 # machine). Each writes benchmarks/logs/<name>.json and .log and keeps its calibration progress
 # in runs/progress/<name>, so rerunning this script skips finished runs and resumes a cut one.
+# To keep editing the tree meanwhile, run it from a copy of the whole repository (src and
+# benchmarks together: the scripts import adalog modules of their own version).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
