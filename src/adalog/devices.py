@@ -10,6 +10,12 @@ import torch
 from adalog.errors import ConfigError
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` works: its first parameter's device (the CPU for a parameter-free one)."""
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` is CUDA when available, else the CPU; any other name as torch reads it. A name
     torch does not know, or CUDA on a machine without it, is a :class:`ConfigError`."""

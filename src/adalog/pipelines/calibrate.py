@@ -26,7 +26,7 @@ from adalog.data import (
     model_data_config,
     spread_sample,
 )
-from adalog.devices import exact_matmuls, resolve_device
+from adalog.devices import exact_matmuls, model_device, resolve_device
 from adalog.errors import ConfigError, DataError
 from adalog.models.hooks import StopForward, forward_batches, forward_hooks
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
@@ -184,11 +184,6 @@ def quantize(
     )
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return torch.device("cpu") if parameter is None else parameter.device
-
-
 def _run_capture(model: nn.Module, images: Tensor, batch_size: int, targets, stop_after):
     """Every target's inputs (and linear/conv outputs), up to ``stop_after``."""
     records: dict[str, list] = {t.name: [] for t in targets}
@@ -251,7 +246,7 @@ def calibrate(
         )
     seed_everything(config.seed)
     model.eval()
-    images = images.to(_device_of(model))
+    images = images.to(model_device(model))
     identity = model_identity(model)  # before rotation and folds change the weights
     if model_kwargs is not None:
         identity["model_kwargs"] = dict(model_kwargs)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from adalog.devices import resolve_device
+from adalog.devices import model_device, resolve_device
 from adalog.errors import ConfigError, DataError
 from adalog.models.qmodules import QuantLinear, set_quant_mode
 from adalog.pipelines.calibrate import fold_post_gelu_shift
@@ -95,7 +95,8 @@ def reconstruct(
     names = with_kl_tail(model, names, config.kl_tail) if names else names
     if device is not None:
         model.to(resolve_device(device))
-    images = images.to(next(model.parameters()).device)
+    device = model_device(model)
+    images = images.to(device)
     torch.manual_seed(config.seed)
     model.eval()
     unfold_post_gelu_shift(model)  # the fold must use the final weights (§4, §10.22)
@@ -105,7 +106,6 @@ def reconstruct(
     set_quant_mode(model, True)
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
-    device = next(model.parameters()).device
     data = augmented_views(
         images, config.data_size, config.crop_scale_min, config.hflip, config.seed, config.mix_prob
     )

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adalog.devices import model_device
 from adalog.errors import DataError
 from adalog.models.hooks import StopForward, run_forward
 
@@ -152,7 +153,7 @@ def run_in_batches(module: nn.Module, inputs: Tensor, batch_size: int) -> Tensor
 def capture_inputs(model: nn.Module, block_name: str, data: Tensor, batch_size: int) -> Tensor:
     """Inputs of ``block_name`` when ``model`` runs as it is (e.g. in quant mode)."""
     block = model.get_submodule(block_name)
-    device = next(model.parameters()).device
+    device = model_device(model)
     xs = []
 
     def pre_hook(module, inputs):
