@@ -196,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(ab, "calibrate and evaluate on")
     ab.set_defaults(func=_cmd_ablate)
 
+    de = sub.add_parser("detect-eval", help="COCO box and mask AP of a detector (FP or quantized)")
+    _add_model_args(de, required=False)
+    de.add_argument("--quantized", help="evaluate the quantized detector in this folder")
+    de.add_argument("--coco-root", required=True, help="folder of the images (file_name root)")
+    de.add_argument("--ann", required=True, help="COCO instances annotation file (JSON)")
+    de.add_argument("--limit", type=int, metavar="N", help="only the first N images (by id)")
+    _add_device_arg(de, "evaluate on")
+    de.add_argument("--json", help="write the result to this JSON file")
+    de.set_defaults(func=_cmd_detect_eval)
+
     ex = sub.add_parser("export", help="export a quantized checkpoint as packed integer codes")
     ex.add_argument("qdir", help="quantized checkpoint folder (adalog quantize --out)")
     ex.add_argument("--out", required=True, help="artifact folder")
@@ -275,6 +285,40 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         linears = {"fast": "oneDNN fp32", "onnx": "ONNX Runtime fp32"}[args.engine]
         result.extra.update(engine=args.engine, precision="fp32", linears=linears)
     _report(result, args.json)
+
+
+def _cmd_detect_eval(args: argparse.Namespace) -> None:
+    from adalog.io import atomic_write_json
+    from adalog.models import create_model
+    from adalog.models.detection import is_detector
+    from adalog.pipelines.checkpoint import load_quantized
+    from adalog.pipelines.detection_eval import evaluate_detector
+
+    if args.quantized:
+        model = load_quantized(args.quantized, expected_model=args.model)
+        name = model.adalog_meta["model"]
+    elif args.model:
+        model = create_model(args.model, weights=args.weights, **args.model_kwargs)
+        name = args.model
+    else:
+        raise AdalogError("pass --model NAME [--weights CKPT] (FP) or --quantized QDIR")
+    if not is_detector(model):
+        raise ConfigError(f"{name} is a classifier; detect-eval evaluates detectors (use eval)")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    result = {"model": name} | evaluate_detector(
+        model, args.coco_root, args.ann, limit=args.limit, device=args.device
+    )
+    if args.quantized:
+        result |= {"quantized": str(args.quantized), "bits": model.adalog_meta["bits"]}
+    print(
+        f"{name}: box AP {result['bbox_AP']:.4f} (AP50 {result['bbox_AP50']:.4f})  "
+        f"mask AP {result['segm_AP']:.4f} (AP50 {result['segm_AP50']:.4f})  "
+        f"n={result['n_images']}  ({result['seconds']:.1f} s)"
+    )
+    if args.json:
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
 
 
 def _check_eval_sources(args: argparse.Namespace) -> None:
@@ -362,6 +406,7 @@ def variant_overrides(args: argparse.Namespace) -> dict:
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from adalog.devices import resolve_device
     from adalog.models import create_model
+    from adalog.models.detection import DETECTORS
     from adalog.pipelines.calibrate import calibrate, calibration_batch
     from adalog.pipelines.checkpoint import check_output_folder, save_quantized
 
@@ -386,6 +431,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         config = config.with_overrides(weight_rounding="nearest")
     if args.search_workers < 1:
         raise ConfigError(f"--search-workers must be at least 1, got {args.search_workers}")
+    if recon is not None and args.model in DETECTORS:
+        raise ConfigError("--reconstruct supports classifiers only; detectors are calibrate-only")
     out = check_output_folder(args.out)
     model = create_model(args.model, weights=args.weights, **args.model_kwargs)
     images, record = calibration_batch(model, args.calib_data, args.calib_list, config)

@@ -9,7 +9,12 @@ from adalog.data.imagenet import (
     scan_image_folder,
     spread_sample,
 )
-from adalog.data.transforms import calibration_transform, eval_transform, model_data_config
+from adalog.data.transforms import (
+    calibration_transform,
+    eval_transform,
+    letterbox_transform,
+    model_data_config,
+)
 
 __all__ = [
     "ImageRecord",
@@ -17,6 +22,7 @@ __all__ = [
     "calibration_transform",
     "collate_skipping_bad",
     "eval_transform",
+    "letterbox_transform",
     "list_images",
     "model_data_config",
     "read_file_list",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 from torch import nn
+from torchvision.transforms.functional import pil_to_tensor
 
 
 def model_data_config(model: nn.Module) -> dict[str, Any]:
@@ -36,3 +39,23 @@ def calibration_transform(model: nn.Module, augment: bool):
         mean=cfg["mean"],
         std=cfg["std"],
     )
+
+
+def letterbox_transform(model: nn.Module):
+    """Images for a detector's calibration batch: resized whole (aspect kept) to fit the
+    canvas ``input_size`` of its config, top-left on a canvas of the mean colour, which
+    normalises to the zeros a detector pads its own batches with. One canvas for every image
+    makes a batch of differently shaped images, at about the detector's test scale."""
+    cfg = model_data_config(model)
+    height, width = cfg["input_size"][1:]
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32)[:, None, None]
+
+    def letterbox(image: Image.Image) -> torch.Tensor:
+        scale = min(height / image.height, width / image.width)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        pixels = pil_to_tensor(image.convert("RGB").resize(size, Image.BILINEAR)) / 255.0
+        canvas = mean.expand(3, height, width).clone()
+        canvas[:, : size[1], : size[0]] = pixels
+        return canvas
+
+    return letterbox

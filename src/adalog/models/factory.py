@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from adalog.errors import UnknownModelError, UnsupportedModelError, WeightsError
+from adalog.models.weights import load_weights
 
-SUPPORTED_FAMILIES = ("vit", "deit", "swin")
-_MAX_LISTED_KEYS = 20
+SUPPORTED_FAMILIES = ("vit", "deit", "swin", "swin_detector")
 
 
 def model_family(model: nn.Module) -> str:
-    """Return 'vit', 'deit' or 'swin' for a supported timm model; refuse anything else.
+    """Return 'vit', 'deit' or 'swin' for a supported timm model, 'swin_detector' for a
+    detector of :mod:`adalog.models.detection`; refuse anything else.
 
     DeiT (distilled too) shares timm's VisionTransformer classes, so the family comes from
     the architecture name; Swin v1 is timm's SwinTransformer (v2 is a different class).
@@ -25,6 +26,8 @@ def model_family(model: nn.Module) -> str:
     from timm.models.vision_transformer import VisionTransformer
 
     arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    if hasattr(model, "adalog_detector_spec"):
+        return "swin_detector"
     if isinstance(model, SwinTransformer):
         return "swin"
     if isinstance(model, VisionTransformer):
@@ -32,7 +35,7 @@ def model_family(model: nn.Module) -> str:
     raise UnsupportedModelError(
         f"model '{arch}' ({type(model).__name__}) is not supported; adalog quantizes the "
         f"families {', '.join(SUPPORTED_FAMILIES)} (timm VisionTransformer incl. DeiT/distilled "
-        "DeiT, and SwinTransformer v1)"
+        "DeiT, and SwinTransformer v1; Swin Mask R-CNN detectors by adalog name)"
     )
 
 
@@ -45,8 +48,14 @@ def create_model(
     """Create timm model ``name`` (tags such as ``.augreg_in21k_ft_in1k`` allowed) in eval mode.
 
     Weights come from ``weights`` (a local file) when given, otherwise from timm's hub when
-    ``pretrained``; a random initialisation only when both are off.
+    ``pretrained``; a random initialisation only when both are off. Detector names
+    (:data:`adalog.models.detection.DETECTORS`) build a detector instead; ``kwargs`` then
+    override fields of its spec.
     """
+    from adalog.models.detection import DETECTORS, create_detector
+
+    if name in DETECTORS:
+        return create_detector(name, weights, pretrained, **kwargs)
     _check_name(name)
     check_family(name, **kwargs)
     use_hub = pretrained and weights is None
@@ -76,64 +85,9 @@ def check_family(name: str, **kwargs) -> str:
 def _check_name(name: str) -> None:
     if timm.is_model(name):
         return
-    close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5)
+    from adalog.models.detection import DETECTORS
+
+    known = timm.list_models() + list(DETECTORS)
+    close = difflib.get_close_matches(name.split(".")[0], known, n=5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownModelError(f"unknown timm model '{name}'.{hint}")
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or a torch file (.pth/.bin/.pt).
-
-    Torch files may wrap the state dict under a ``model`` or ``state_dict`` key.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weight file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any decoding failure is a bad file for the user
-        raise WeightsError(f"could not read weight file {path}: {exc}") from exc
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} does not hold a state dict of tensors")
-    return obj
-
-
-def load_weights(model: nn.Module, weights: str | Path | dict[str, torch.Tensor]) -> None:
-    """Load weights strictly: every key present, none extra, every shape equal."""
-    state = weights if isinstance(weights, dict) else read_state_dict(weights)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    problems = [
-        f"{label}: {_listing(keys)}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("mis-shaped keys", mis_shaped),
-        )
-        if keys
-    ]
-    if problems:
-        source = weights if not isinstance(weights, dict) else "state dict"
-        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise WeightsError(f"weights {source} do not match model '{arch}': " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
-
-
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
-    more = len(keys) - _MAX_LISTED_KEYS
-    return f"{shown} (+{more} more)" if more > 0 else shown

@@ -27,6 +27,7 @@ FC1 = "fc1"
 FC2 = "fc2"  # its input is post-GELU
 REDUCTION = "reduction"  # Swin patch merging's linear
 HEAD = "head"
+PATCH_EMBED = "patch_embed"  # the conv that reads the image
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class FamilyParts:
     #: the heads reconstructed as units (distilled DeiT's ``head_dist`` is quantized as a head
     #: but not reconstructed on its own: a ``kl_tail`` unit merges only ``head``)
     unit_heads: tuple[str, ...] = ("head",)
+    #: whether conv inputs are quantized (at the activation bits, the image at ``image_bits``);
+    #: the classification protocol keeps its one conv's input, the image, FP (§10.1)
+    quantized_conv_inputs: bool = False
+    image_bits: int = 8
 
     def part_of(self, name: str) -> str | None:
         """The part the module called ``name`` plays, or None (an unnamed linear, a conv)."""
@@ -97,6 +102,7 @@ class FamilyParts:
 
 
 _TIMM_PATHS = {
+    PATCH_EMBED: "patch_embed.proj",
     QKV: "attn.qkv",
     MATMUL_QK: "attn.matmul1",
     MATMUL_AV: "attn.matmul2",
@@ -125,8 +131,27 @@ TIMM_SWIN = FamilyParts(
     block_names=("downsample",),
 )
 
+#: A Swin detector (:mod:`adalog.models.detection`): the backbone's Swin parts and folds; the
+#: FPN, RPN and RoI-head convs and linears are plain layers; every layer's input is quantized,
+#: the image at 8 bits (the detection protocol of RepQ-ViT and the AdaLog paper's Table A).
+SWIN_DETECTOR = FamilyParts(
+    paths=TIMM_SWIN.paths,
+    folds=TIMM_SWIN.folds,
+    heads=(),
+    units=TIMM_SWIN.units,
+    order=_BLOCK_ORDER,
+    block_names=("downsample",),
+    unit_heads=(),
+    quantized_conv_inputs=True,
+)
+
 #: Each supported family's parts, by :func:`adalog.models.factory.model_family`.
-FAMILIES: dict[str, FamilyParts] = {"vit": TIMM_VIT, "deit": TIMM_VIT, "swin": TIMM_SWIN}
+FAMILIES: dict[str, FamilyParts] = {
+    "vit": TIMM_VIT,
+    "deit": TIMM_VIT,
+    "swin": TIMM_SWIN,
+    "swin_detector": SWIN_DETECTOR,
+}
 
 
 def model_parts(model: nn.Module) -> FamilyParts:

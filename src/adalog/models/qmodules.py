@@ -100,6 +100,60 @@ class QuantConv2d(_WeightQuantModule):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class QuantConvTranspose2d(_WeightQuantModule):
+    """A transposed conv whose kernel equals its stride (Mask R-CNN's 2x mask upsampling): each
+    input pixel feeds its own ``kh x kw`` output cell, so the layer is a linear map from
+    ``C_in`` to ``C_out·kh·kw`` per pixel, calibrated as one; one weight scale per output
+    channel and kernel position, a per-tensor input quantizer."""
+
+    def __init__(
+        self, conv: nn.ConvTranspose2d, w_bits: int, input_quant: nn.Module | None
+    ) -> None:
+        super().__init__()
+        if (
+            tuple(conv.kernel_size) != tuple(conv.stride)
+            or any(conv.padding)
+            or any(conv.output_padding)
+            or conv.groups != 1
+            or any(d != 1 for d in conv.dilation)
+        ):
+            raise NotImplementedError("only transposed convs with kernel == stride are supported")
+        self.weight = conv.weight  # (C_in, C_out, kh, kw)
+        self.bias = conv.bias
+        self.stride = conv.stride
+        c_out, kh, kw = conv.weight.shape[1:]
+        self.weight_quant = UniformQuantizer(
+            w_bits, (c_out * kh * kw, 1), device=conv.weight.device, dtype=conv.weight.dtype
+        )
+        self.input_quant = input_quant
+
+    def quantized_weight(self) -> Tensor:
+        c_in, c_out, kh, kw = self.weight.shape
+        rows = self.weight_quant(self.linear_rows())
+        return rows.reshape(c_out, kh, kw, c_in).permute(3, 0, 1, 2)
+
+    def linear_rows(self) -> Tensor:
+        """The weight as the rows of the per-pixel linear map, ``(C_out·kh·kw, C_in)``."""
+        return self.weight.permute(1, 2, 3, 0).reshape(-1, self.weight.shape[0])
+
+    def linear_outputs(self, y: Tensor) -> Tensor:
+        """Outputs ``(B, C_out, H·kh, W·kw)`` as ``(B·H·W, C_out·kh·kw)`` rows, bias removed."""
+        batch, channels, height, width = y.shape
+        kh, kw = self.weight.shape[2:]
+        if self.bias is not None:
+            y = y - self.bias[:, None, None]
+        y = y.reshape(batch, channels, height // kh, kh, width // kw, kw)
+        return y.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels * kh * kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if self.quant_enabled:
+            weight = self.quantized_weight()
+            if self.input_quant is not None:
+                x = self.input_quant(x)
+        return F.conv_transpose2d(x, weight, self.bias, self.stride)
+
+
 class QuantMatMul(QuantModule):
     """``a @ b`` with a quantizer per operand (per head for q, kᵀ, v; log for attention)."""
 
@@ -181,7 +235,7 @@ def snap_weights_to_grid(model: nn.Module) -> nn.Module:
     """
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (QuantLinear, QuantConv2d)):
+            if isinstance(module, _WeightQuantModule):
                 if not module.weight_quant.is_identity:
                     module.weight.copy_(module.quantized_weight())
     return model
@@ -189,6 +243,7 @@ def snap_weights_to_grid(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "QuantConv2d",
+    "QuantConvTranspose2d",
     "QuantLinear",
     "QuantMatMul",
     "QuantModule",

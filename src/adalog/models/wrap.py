@@ -14,9 +14,17 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from adalog.config import AdaLogConfig
-from adalog.models.parts import FC2, MATMUL_AV, MATMUL_QK, FamilyParts, model_parts
+from adalog.models.parts import (
+    FC2,
+    MATMUL_AV,
+    MATMUL_QK,
+    PATCH_EMBED,
+    FamilyParts,
+    model_parts,
+)
 from adalog.models.qmodules import (
     QuantConv2d,
+    QuantConvTranspose2d,
     QuantLinear,
     QuantMatMul,
     QuantModule,
@@ -29,7 +37,7 @@ from adalog.quant import GELU_SHIFT, LogQuantizer, TwinUniformQuantizer, Uniform
 @dataclass
 class Target:
     """One module to calibrate: its dotted name, the module, its role (the calibration
-    procedure: conv, linear, linear_ln, linear_gelu, matmul_qk or matmul_av), for
+    procedure: conv, conv_act, linear, linear_ln, linear_gelu, matmul_qk or matmul_av), for
     post-LayerNorm linears that fold (§3) the name of the LayerNorm that receives the scales,
     and its block (the unit progress is saved in)."""
 
@@ -61,10 +69,8 @@ def wrap_model(model: nn.Module, config: AdaLogConfig, calibrating: bool = True)
             targets.append(Target(name, module, role))
         elif isinstance(module, nn.Linear):
             targets.append(_replace_linear(model, parts, name, module, quantizers, calibrating))
-        elif isinstance(module, nn.Conv2d):
-            quantized = QuantConv2d(module, config.w_bits, input_quant=None)
-            _set_submodule(model, name, quantized)
-            targets.append(Target(name, quantized, "conv"))
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            targets.append(_replace_conv(model, parts, name, module, quantizers))
     for target in targets:
         target.block = parts.block_of(target.name)
     return _execution_order(targets, parts)
@@ -139,6 +145,28 @@ def _replace_linear(
         target = Target(name, quantized, "linear")
     _set_submodule(model, name, quantized)
     return target
+
+
+def _replace_conv(
+    model: nn.Module,
+    parts: FamilyParts,
+    name: str,
+    conv: nn.Conv2d | nn.ConvTranspose2d,
+    quantizers: _QuantizerFactory,
+) -> Target:
+    """A conv with an FP input (role ``conv``), or, where the family quantizes conv inputs,
+    with a per-tensor uniform input quantizer (role ``conv_act``; the image at its own bits)."""
+    config = quantizers.config
+    input_quant, role = None, "conv"
+    if parts.quantized_conv_inputs:
+        bits = parts.image_bits if parts.part_of(name) == PATCH_EMBED else config.a_bits
+        input_quant, role = quantizers.uniform(bits), "conv_act"
+    if isinstance(conv, nn.ConvTranspose2d):
+        quantized = QuantConvTranspose2d(conv, config.w_bits, input_quant)
+    else:
+        quantized = QuantConv2d(conv, config.w_bits, input_quant)
+    _set_submodule(model, name, quantized)
+    return Target(name, quantized, role)
 
 
 def _execution_order(targets: list[Target], parts: FamilyParts) -> list[Target]:

@@ -22,14 +22,22 @@ from adalog.data import (
     ImageRecord,
     LabeledImageFolder,
     calibration_transform,
+    letterbox_transform,
     list_images,
     model_data_config,
     spread_sample,
 )
 from adalog.devices import exact_matmuls, model_device, resolve_device
 from adalog.errors import ConfigError, DataError
+from adalog.models.detection import is_detector
 from adalog.models.hooks import StopForward, forward_batches, forward_hooks
-from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
+from adalog.models.qmodules import (
+    QuantConv2d,
+    QuantConvTranspose2d,
+    QuantLinear,
+    QuantMatMul,
+    set_quant_mode,
+)
 from adalog.models.rotation import rotate_value_heads
 from adalog.models.wrap import Target, wrap_model
 from adalog.pipelines.checkpoint import quantization_meta
@@ -57,7 +65,9 @@ from adalog.search.procedures import (
 
 #: Search order inside a block when modules run in parallel: the costliest first, so that the
 #: last module to finish is a short one (longest-processing-time-first scheduling).
-_COST_RANK = {"linear_gelu": 0, "matmul_av": 1, "matmul_qk": 2, "linear_ln": 3, "linear": 4}
+_COST_RANK = {
+    "linear_gelu": 0, "matmul_av": 1, "matmul_qk": 2, "linear_ln": 3, "linear": 4, "conv_act": 5
+}  # fmt: skip
 
 #: Smallest crop area of the seeded views whose Gram matrices GPTQ uses (as reconstruction's).
 GPTQ_CROP_SCALE_MIN = 0.25
@@ -104,7 +114,11 @@ def calibration_batch(
             raise DataError(f"calibration images not found: {', '.join(missing[:5]) or 'none'}")
         root, selection = None, "given files"
     seed_everything(config.seed)
-    transform = calibration_transform(model, config.calib_augment)
+    if is_detector(model):
+        transform, how = letterbox_transform(model), "letterbox on the detector's canvas"
+    else:
+        transform = calibration_transform(model, config.calib_augment)
+        how = f"training augmentation (seed {config.seed})" if config.calib_augment else "eval"
     dataset = LabeledImageFolder([ImageRecord(p, -1) for p in paths], transform)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     record = {
@@ -112,9 +126,7 @@ def calibration_batch(
         "list": str(list_file) if list_file is not None else None,
         "selection": selection,
         "images": [_relative(p, root) for p in paths],
-        "transform": (
-            f"training augmentation (seed {config.seed})" if config.calib_augment else "eval"
-        ),
+        "transform": how,
     }
     return images, record
 
@@ -390,9 +402,17 @@ def _calibrate_target(
             x, y = _cat(chunks, 0), _cat(chunks, None)
             patches = module.input_patches(x)
             y = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
-            calibrate_conv_weight(
-                patches, y, module.weight, module.bias, module.weight_quant, settings
-            )
+            if module.input_quant is None:
+                calibrate_conv_weight(
+                    patches, y, module.weight, module.bias, module.weight_quant, settings
+                )
+            else:
+                _calibrate_conv_as_linear(module, patches, y, settings)
+        elif isinstance(module, QuantConvTranspose2d):
+            x, y = _cat(chunks, 0), _cat(chunks, None)
+            x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+            rows, y = module.linear_rows(), module.linear_outputs(y)
+            calibrate_linear(x, y, rows, None, module.weight_quant, module.input_quant, settings)
         else:
             x, y = _cat(chunks, 0), _cat(chunks, None)
             x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
@@ -406,6 +426,21 @@ def _calibrate_target(
                 calibrate_post_gelu_twin(*args, settings)
             else:
                 calibrate_linear(*args, settings)
+
+
+def _calibrate_conv_as_linear(
+    conv: QuantConv2d, patches: Tensor, y: Tensor, settings: SearchSettings
+) -> None:
+    """A conv with a quantized input is the linear layer of its receptive fields: searched as
+    one on weight rows, the per-out-channel result copied into the conv's weight quantizer."""
+    weight_quant = conv.weight_quant
+    rows = conv.weight.reshape(conv.weight.shape[0], -1)
+    row_quant = UniformQuantizer(
+        weight_quant.n_bits, (rows.shape[0], 1), device=rows.device, dtype=rows.dtype
+    )
+    calibrate_linear(patches, y, rows, conv.bias, row_quant, conv.input_quant, settings)
+    shape = weight_quant.scale.shape
+    weight_quant.set_params(row_quant.scale.reshape(shape), row_quant.zero_point.reshape(shape))
 
 
 def fold_layernorm(

@@ -18,7 +18,7 @@ from torch import Tensor
 from torchvision.models.detection import MaskRCNN
 
 from adalog.errors import WeightsError
-from adalog.models.factory import load_weights, read_state_dict
+from adalog.models.weights import load_weights, read_state_dict
 
 Rule = tuple[re.Pattern, str, Callable[[Tensor], Tensor] | None]
 
@@ -105,7 +105,8 @@ def _check_position_index(model: MaskRCNN, match: re.Match, key: str, value: Ten
         raise WeightsError(f"{key} differs from the window size the detector was built with")
 
 
-def load_mmdet_checkpoint(model: MaskRCNN, path: str | Path) -> None:
-    """Load a public Swin detection checkpoint (``.pth`` with a ``state_dict``) strictly."""
-    state = read_state_dict(path)
+def load_mmdet_checkpoint(model: MaskRCNN, source: str | Path | dict[str, Tensor]) -> None:
+    """Load a public Swin detection checkpoint (``.pth`` with a ``state_dict``, or that state
+    dict) strictly."""
+    state = source if isinstance(source, dict) else read_state_dict(source)
     load_weights(model, convert_mmdet_state_dict(state, model))

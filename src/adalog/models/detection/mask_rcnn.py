@@ -60,6 +60,8 @@ class DetectorSpec:
     max_size: int = 1333
     #: the public checkpoints' box coder: weights are the reciprocals of mmdet's stds (§10a)
     box_coder_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
+    #: where the trained weights are published (mmdetection layout), if anywhere
+    url: str | None = None
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -69,10 +71,27 @@ class DetectorSpec:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
 
 
+_RELEASES = "https://github.com/SwinTransformer/storage/releases/download/"
 #: the public Mask R-CNN Swin-T/S checkpoints' architectures (Swin-S differs only in depth)
+#: and the generated-shapes proxy
 DETECTORS: dict[str, DetectorSpec] = {
-    "mask_rcnn_swin_tiny": DetectorSpec(),
-    "mask_rcnn_swin_small": DetectorSpec(depths=(2, 2, 18, 2)),
+    "mask_rcnn_swin_tiny": DetectorSpec(
+        url=_RELEASES + "v1.0.2/mask_rcnn_swin_tiny_patch4_window7.pth"
+    ),
+    "mask_rcnn_swin_small": DetectorSpec(
+        depths=(2, 2, 18, 2), url=_RELEASES + "v1.0.2/mask_rcnn_swin_small_patch4_window7.pth"
+    ),
+    # the proxy of benchmarks/detection_proxy.py: a narrow Swin on 192-pixel generated shapes
+    "mask_rcnn_swin_shapes": DetectorSpec(
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        classes=("disc", "square", "triangle"),
+        fpn_channels=64,
+        box_features=256,
+        min_size=192,
+        max_size=192,
+    ),  # fmt: skip
 }
 
 
@@ -124,8 +143,12 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
         return pooled
 
 
-def build_detector(spec: DetectorSpec) -> MaskRCNN:
-    """A randomly initialised Mask R-CNN of ``spec`` in eval mode, test-time settings of §3/§7."""
+def build_detector(spec: DetectorSpec, name: str = "mask_rcnn_swin") -> MaskRCNN:
+    """A randomly initialised Mask R-CNN of ``spec`` in eval mode, test-time settings of §3/§7.
+
+    ``pretrained_cfg`` carries what the quantization pipelines read of a timm model: the name,
+    the normalisation, and the calibration canvas (the test size of a 4:3 image, stride 32).
+    """
     backbone = SwinFPN(
         spec.embed_dim, spec.depths, spec.num_heads, spec.window_size, spec.fpn_channels
     )
@@ -155,7 +178,28 @@ def build_detector(spec: DetectorSpec) -> MaskRCNN:
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
     )
     model.adalog_detector_spec = spec
+    model.pretrained_cfg = {
+        "architecture": name,
+        "input_size": (3, *calibration_canvas(spec)),
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "num_classes": len(spec.classes),
+    }
     return model.eval()
+
+
+def calibration_canvas(spec: DetectorSpec) -> tuple[int, int]:
+    """``(height, width)`` holding any calibration image letterboxed at the test scale of a
+    4:3 landscape image, rounded up to the backbone's stride 32."""
+    width = min(spec.max_size, round(spec.min_size * 4 / 3))
+    return _round_up(spec.min_size, 32), _round_up(width, 32)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def detector_spec(name: str) -> DetectorSpec:
