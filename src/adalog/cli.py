@@ -10,6 +10,9 @@ from pathlib import Path
 from adalog.config import PRESETS
 from adalog.errors import AdalogError, ConfigError
 
+#: calibration images of a detector unless --calib-size says otherwise (a handful, as the
+#: detection protocol; one 800 x 1088 image holds as many tokens as 54 ImageNet crops)
+DETECTOR_CALIB_SIZE = 4
 PRESET_HELP = (
     "w3a3/w4a4/w6a6: the reference configuration (reproduce the paper); w3a3-plus/w4a4-plus/"
     "w6a6-plus: the same bits with the options beyond the reference that measured best "
@@ -130,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "under --seed, spread over the folder's sub-folders; listed in the checkpoint)",
     )
     _add_config_args(qu)
+    qu.add_argument(
+        "--calib-size",
+        type=int,
+        metavar="N",
+        help="calibration images drawn from --calib-data (default: the config's calib_size, "
+        f"32 in the presets; {DETECTOR_CALIB_SIZE} for detectors, whose images are large)",
+    )
     qu.add_argument(
         "--seed", type=int, help="seed of the calibration selection, augmentation and search"
     )
@@ -414,6 +424,12 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     overrides = variant_overrides(args)
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.calib_size is not None:
+        if args.calib_size < 1:
+            raise ConfigError(f"--calib-size must be at least 1, got {args.calib_size}")
+        overrides["calib_size"] = args.calib_size
+    elif args.model in DETECTORS:
+        overrides["calib_size"] = DETECTOR_CALIB_SIZE
     if args.eval_transform:
         overrides["calib_augment"] = False
     config = config.with_overrides(**overrides)
