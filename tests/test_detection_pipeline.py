@@ -196,3 +196,11 @@ def test_calibration_letterbox_pads_with_what_normalises_to_zero():
     assert torch.all(canvas[0, :32] == 1.0) and torch.all(canvas[1, :32] == 0.0)
     mean = torch.tensor(model.pretrained_cfg["mean"])
     assert torch.equal(canvas[:, 32:], mean[:, None, None].expand(3, 32, 64))
+
+
+def test_classifier_commands_refuse_a_detector_checkpoint(quantized, tmp_path, capsys):
+    _, qdir = quantized
+    assert main(["export", str(qdir), "--out", str(tmp_path / "art")]) == 1
+    assert "integer export covers classifiers only" in capsys.readouterr().err
+    assert main(["eval", "--quantized", str(qdir), "--data", str(tmp_path)]) == 1
+    assert "score it with adalog detect-eval" in capsys.readouterr().err

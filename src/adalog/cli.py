@@ -269,6 +269,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             model = onnx_model(model)
     else:
         raise AdalogError("pass --model (FP evaluation), --quantized QDIR or --artifact ART")
+    if getattr(model, "adalog_detector_spec", None) is not None:
+        raise ConfigError(f"{name} is a detector; score it with adalog detect-eval")
     loader = build_eval_loader(
         model,
         args.data,
@@ -486,7 +488,11 @@ def _reconstruct_config(args: argparse.Namespace):
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
+    from adalog.models.detection import DETECTORS
     from adalog.pipelines.ablation import ablate, select_variants
+
+    if args.model in DETECTORS:
+        raise ConfigError("ablate evaluates classifiers by top-1; detectors are not supported")
 
     base = _base_config(args)
     if args.seed is not None:

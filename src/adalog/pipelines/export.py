@@ -43,9 +43,10 @@ from torch import Tensor, nn
 
 from adalog._version import __version__
 from adalog.config import AdaLogConfig
-from adalog.errors import ArtifactError, WeightsError
+from adalog.errors import ArtifactError, ConfigError, WeightsError
 from adalog.io import atomic_write, atomic_write_json
 from adalog.models import create_model, load_weights
+from adalog.models.detection import is_detector
 from adalog.models.qmodules import QuantConv2d, QuantLinear, QuantMatMul, set_quant_mode
 from adalog.models.wrap import wrap_model
 from adalog.pipelines.checkpoint import load_quantized
@@ -137,7 +138,10 @@ def build_artifact(model: nn.Module) -> Artifact:
 
 def export_artifact(qdir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """``adalog export``: write the artifact of checkpoint ``qdir``; return its meta."""
-    artifact = build_artifact(load_quantized(qdir, dtype=torch.float32))  # float32 scales
+    model = load_quantized(qdir, dtype=torch.float32)  # float32 scales
+    if is_detector(model):
+        raise ConfigError(f"{qdir} holds a detector; the integer export covers classifiers only")
+    artifact = build_artifact(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = atomic_write(out_dir / TENSORS_FILE, lambda tmp: save_file(artifact.tensors, str(tmp)))
