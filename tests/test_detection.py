@@ -211,3 +211,31 @@ def test_small_detector_runs_and_trains():
     assert set(losses) >= {"loss_classifier", "loss_mask", "loss_objectness"}
     sum(losses.values()).backward()
     assert model.backbone.body.layers[0].blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_transposed_conv_is_the_per_pixel_linear_map_it_is_calibrated_as():
+    from adalog.models.qmodules import QuantConvTranspose2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.ConvTranspose2d(5, 3, kernel_size=2, stride=2)
+    quantized = QuantConvTranspose2d(conv, 4, input_quant=None)
+    x = torch.randn(2, 5, 4, 6)
+    y = conv(x)
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, 5)
+    torch.testing.assert_close(pixels @ quantized.linear_rows().T, quantized.linear_outputs(y))
+    rows = quantized.linear_rows()  # per-row scales land on (channel, kernel position)
+    scale = (rows.amax(1) - rows.amin(1)) / 15
+    quantized.weight_quant.set_params(scale[:, None], torch.round(-rows.amin(1) / scale)[:, None])
+    quantized.set_quant(True)
+    expected = torch.nn.functional.conv_transpose2d(
+        x, quantized.quantized_weight(), conv.bias, stride=2
+    )
+    torch.testing.assert_close(quantized(x), expected)
+    w_hat = quantized.quantized_weight()
+    assert w_hat.shape == conv.weight.shape
+    for o in range(3):  # 16 levels at most per output channel and kernel position
+        for a in range(2):
+            assert w_hat[:, o, a, 0].unique().numel() <= 16
+    assert (w_hat - conv.weight).abs().max() <= scale.max() / 2 + 1e-6
+    with pytest.raises(NotImplementedError):
+        QuantConvTranspose2d(torch.nn.ConvTranspose2d(5, 3, 3, stride=2), 4, None)
