@@ -103,11 +103,12 @@ def test_unsupported_family_names_supported_ones():
 def test_unsupported_family_is_refused_before_download_or_loading(monkeypatch):
     """No hub download (that would fail offline with a WeightsError) and no weight file read."""
     import adalog.models.factory as factory
+    import adalog.models.weights as weights
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded for an unsupported model")
 
-    monkeypatch.setattr(factory, "read_state_dict", no_loading)
+    monkeypatch.setattr(weights, "read_state_dict", no_loading)
     monkeypatch.setattr(factory.timm, "create_model", _meta_only(timm.create_model))
     with pytest.raises(UnsupportedModelError, match="'resnet18'"):
         factory.create_model("resnet18")

@@ -11,6 +11,7 @@ from adalog.models.parts import (
     FC2,
     HEAD,
     MATMUL_AV,
+    PATCH_EMBED,
     QKV,
     REDUCTION,
     TIMM_SWIN,
@@ -29,7 +30,8 @@ def test_vit_names_resolve_to_parts_and_fold_targets():
     assert TIMM_VIT.part_of("blocks.3.attn.matmul2") == MATMUL_AV
     assert TIMM_VIT.part_of("blocks.11.mlp.fc2") == FC2
     assert TIMM_VIT.part_of("head") == HEAD and TIMM_VIT.part_of("head_dist") == HEAD
-    assert TIMM_VIT.part_of("patch_embed.proj") is None
+    assert TIMM_VIT.part_of("patch_embed.proj") == PATCH_EMBED
+    assert TIMM_VIT.part_of("blocks.0.norm1") is None
     assert TIMM_VIT.part_of("blocks.0.attn.headline") is None  # "head" inside a name is no head
     assert TIMM_VIT.folding_norm("blocks.3.attn.qkv") == "blocks.3.norm1"
     assert TIMM_VIT.folding_norm("blocks.3.mlp.fc1") == "blocks.3.norm2"
