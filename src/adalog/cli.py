@@ -11,7 +11,7 @@ from adalog.config import PRESETS
 from adalog.errors import AdalogError, ConfigError
 
 #: calibration images of a detector unless --calib-size says otherwise (a handful, as the
-#: detection protocol; one 800 x 1088 image holds as many tokens as 54 ImageNet crops)
+#: detection protocol; one 800 x 1088 image has 17 times the pixels of a 224 x 224 crop)
 DETECTOR_CALIB_SIZE = 4
 PRESET_HELP = (
     "w3a3/w4a4/w6a6: the reference configuration (reproduce the paper); w3a3-plus/w4a4-plus/"
@@ -306,6 +306,8 @@ def _cmd_detect_eval(args: argparse.Namespace) -> None:
     from adalog.pipelines.checkpoint import load_quantized
     from adalog.pipelines.detection_eval import evaluate_detector
 
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if args.quantized:
         model = load_quantized(args.quantized, expected_model=args.model)
         name = model.adalog_meta["model"]
@@ -316,8 +318,6 @@ def _cmd_detect_eval(args: argparse.Namespace) -> None:
         raise AdalogError("pass --model NAME [--weights CKPT] (FP) or --quantized QDIR")
     if not is_detector(model):
         raise ConfigError(f"{name} is a classifier; detect-eval evaluates detectors (use eval)")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     result = {"model": name} | evaluate_detector(
         model, args.coco_root, args.ann, limit=args.limit, device=args.device
     )
