@@ -269,7 +269,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             model = onnx_model(model)
     else:
         raise AdalogError("pass --model (FP evaluation), --quantized QDIR or --artifact ART")
-    if getattr(model, "adalog_detector_spec", None) is not None:
+    from adalog.models.detection import is_detector
+
+    if is_detector(model):
         raise ConfigError(f"{name} is a detector; score it with adalog detect-eval")
     loader = build_eval_loader(
         model,

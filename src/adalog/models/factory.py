@@ -26,7 +26,9 @@ def model_family(model: nn.Module) -> str:
     from timm.models.vision_transformer import VisionTransformer
 
     arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    if hasattr(model, "adalog_detector_spec"):
+    from adalog.models.detection import is_detector
+
+    if is_detector(model):
         return "swin_detector"
     if isinstance(model, SwinTransformer):
         return "swin"

@@ -32,9 +32,19 @@ class _WeightQuantModule(QuantModule):
     weight: nn.Parameter
     bias: nn.Parameter | None
     weight_quant: UniformQuantizer
+    input_quant: nn.Module | None
 
     def quantized_weight(self) -> Tensor:
         return self.weight_quant(self.weight)
+
+    def operands(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The input and weight the layer multiplies: FP in raw mode, fake-quantized (the
+        input only where it has a quantizer) in quant mode."""
+        if not self.quant_enabled:
+            return x, self.weight
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return x, self.quantized_weight()
 
     def ensure_bias(self) -> Tensor:
         """Give a bias-free layer (e.g. Swin ``reduction``) a zero bias so folds have a target."""
@@ -57,11 +67,8 @@ class QuantLinear(_WeightQuantModule):
         self.input_quant = input_quant
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.quant_enabled:
-            return F.linear(x, self.weight, self.bias)
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        x, weight = self.operands(x)
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -92,11 +99,7 @@ class QuantConv2d(_WeightQuantModule):
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight
-        if self.quant_enabled:
-            weight = self.quantized_weight()
-            if self.input_quant is not None:
-                x = self.input_quant(x)
+        x, weight = self.operands(x)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -146,11 +149,7 @@ class QuantConvTranspose2d(_WeightQuantModule):
         return y.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels * kh * kw)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight
-        if self.quant_enabled:
-            weight = self.quantized_weight()
-            if self.input_quant is not None:
-                x = self.input_quant(x)
+        x, weight = self.operands(x)
         return F.conv_transpose2d(x, weight, self.bias, self.stride)
 
 

@@ -8,7 +8,7 @@ torchvision: 0 is background, label ``l`` is the spec's class ``l - 1``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -62,13 +62,6 @@ class DetectorSpec:
     box_coder_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
     #: where the trained weights are published (mmdetection layout), if anywhere
     url: str | None = None
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> DetectorSpec:
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
 
 
 _RELEASES = "https://github.com/SwinTransformer/storage/releases/download/"
