@@ -231,12 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
+    from adalog.distributed import join, rank_device
     from adalog.models import create_model
     from adalog.pipelines.checkpoint import load_quantized
     from adalog.pipelines.evaluate import build_eval_loader, evaluate
 
     _check_eval_sources(args)
-    device = "cpu" if args.engine or args.artifact else args.device
+    device = rank_device("cpu" if args.engine or args.artifact else args.device)
+    ranks = join(device)
     if args.artifact:
         from adalog.runtime import load_integer_model
 
@@ -282,8 +284,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
         skip_bad_images=args.skip_bad_images,
+        ranks=ranks,
     )
-    result = evaluate(model, loader, device=device, name=name, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    result = evaluate(model, loader, device=device, name=name, dtype=dtype, ranks=ranks)
     if args.quantized:
         result.extra["quantized"] = str(args.quantized)
         result.extra["bits"] = model.adalog_meta["bits"]
@@ -298,7 +302,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     elif args.engine:
         linears = {"fast": "oneDNN fp32", "onnx": "ONNX Runtime fp32"}[args.engine]
         result.extra.update(engine=args.engine, precision="fp32", linears=linears)
-    _report(result, args.json)
+    if ranks.is_main:
+        _report(result, args.json)
 
 
 def _cmd_detect_eval(args: argparse.Namespace) -> None:
@@ -550,16 +555,29 @@ def _report(result, json_path: str | None) -> None:
         print(f"wrote {json_path}")
 
 
+#: Commands that split their work over the processes of ``torchrun`` (adalog.distributed).
+DISTRIBUTED_COMMANDS = ("eval", "ablate")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
         print("adalog: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
+    from adalog.distributed import launched_world_size, leave  # imports torch: after --help
+
     try:
+        if launched_world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
+            raise ConfigError(
+                f"adalog {args.command} runs in one process; under torchrun only "
+                f"{', '.join(DISTRIBUTED_COMMANDS)} split their work over the ranks"
+            )
         args.func(args)
     except AdalogError as exc:
         print(f"adalog: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        leave()
     return 0
 
 

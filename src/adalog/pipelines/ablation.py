@@ -10,6 +10,11 @@ quantizer (or the post-Softmax one) leaves every other module's search result un
 variants reuse a calibration of the base config (kept, resumable, under ``base/``) and search
 only fc2 (or matmul2) again: the same parameters as a full calibration, several times faster.
 Their ``calib_seconds`` counts only that work; ``searched`` says what was searched.
+
+Under ``torchrun`` the ranks share the run folder: rank 0 evaluates the FP model and calibrates
+the base once, then every rank takes the unfinished variants one at a time by an atomic claim
+file (``claims/<job token>/<variant>``). Claims belong to one job, so a variant whose rank died
+is unclaimed again for the next run; rank 0 writes the tables and plots at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import csv
 import hashlib
 import io
 import json
+import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from adalog.config import AdaLogConfig
-from adalog.devices import resolve_device
+from adalog.devices import model_device
+from adalog.distributed import Ranks, barrier, broadcast_text, join, rank_device
 from adalog.errors import ConfigError
 from adalog.io import atomic_write_json, atomic_write_text
 from adalog.models.parts import FC2, MATMUL_AV, model_parts
@@ -157,6 +166,7 @@ def run_ablation(
     inspect: Inspector | None = None,
     progress: bool = True,
     eval_data: dict[str, Any] | None = None,
+    ranks: Ranks | None = None,
 ) -> list[dict[str, Any]]:
     """Run each unfinished variant and return all finished results in ``variants`` order.
 
@@ -165,7 +175,9 @@ def run_ablation(
     Every result carries the run's fingerprint (model with tag, kwargs and weights digest, base
     config, calibration images, ``eval_data``: what ``evaluate`` scores on); finished results
     of another run in ``out_dir`` are refused, naming what differs, instead of being reused.
+    With ``ranks`` of several processes the variants are shared out by claims (module doc).
     """
+    ranks = ranks or Ranks()
     out_dir = Path(out_dir)
     probe = make_model()
     parts = model_parts(probe)
@@ -177,17 +189,21 @@ def run_ablation(
     )
     check_finished(out_dir, fingerprint)
     (out_dir / "variants").mkdir(parents=True, exist_ok=True)
+    pending = [v for v in variants if not _variant_path(out_dir, v).exists()]
     base_state = None
-    for variant in variants:
-        path = _variant_path(out_dir, variant)
-        if path.exists():
+    if any(searched_parts(v.overrides) is not None for v in pending):
+        if ranks.is_main:
+            calibrate(make_model(), images, base, progress=progress, resume_dir=out_dir / "base")
+        barrier(ranks)
+        base_state = read_progress_state(out_dir / "base")
+    claims = out_dir / "claims" / broadcast_text(uuid.uuid4().hex, ranks)
+    for variant in pending:
+        if ranks.active and not _claim(claims, variant, ranks):
             continue
         config = base.with_overrides(**variant.overrides)
         searched = searched_parts(variant.overrides)
         reuse = None
         if searched is not None:
-            if base_state is None:
-                base_state = _base_calibration(out_dir, base, make_model, images, progress)
             reuse = Reuse(base_state, lambda name, s=searched: parts.part_of(name) in s)
         model = make_model()
         start = time.perf_counter()
@@ -201,13 +217,32 @@ def run_ablation(
             "calib_seconds": seconds,
             "searched": "all" if searched is None else ", ".join(searched),
             **evaluate(model),
+            "rank": f"{ranks.rank} of {ranks.world_size}",
             "fingerprint": fingerprint,
         }
         if inspect is not None:
             result["details"] = inspect(model)
-        atomic_write_json(path, result)
+        atomic_write_json(_variant_path(out_dir, variant), result)
+        if ranks.is_main:
+            write_tables(out_dir, all_results(out_dir))
+    barrier(ranks)
+    if ranks.active and ranks.is_main:
         write_tables(out_dir, all_results(out_dir))
+        shutil.rmtree(out_dir / "claims", ignore_errors=True)
     return load_results(out_dir, variants)
+
+
+def _claim(claims: Path, variant: Variant, ranks: Ranks) -> bool:
+    """Take ``variant`` for this rank unless another rank of this job has: the claim file is
+    created exclusively, which one rank wins on a shared file system."""
+    claims.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = os.open(claims / variant.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(handle, "w") as file:
+        file.write(f"rank {ranks.rank} of {ranks.world_size}\n")
+    return True
 
 
 def check_finished(out_dir: Path, fingerprint: dict[str, Any]) -> None:
@@ -216,14 +251,6 @@ def check_finished(out_dir: Path, fingerprint: dict[str, Any]) -> None:
     for path in sorted((out_dir / "variants").glob("*.json")):
         saved = json.loads(path.read_text()).get("fingerprint", {})
         check_fingerprint(saved, fingerprint, path)
-
-
-def _base_calibration(
-    out_dir: Path, base: AdaLogConfig, make_model: ModelFactory, images: Tensor, progress: bool
-) -> dict[str, Tensor]:
-    """The base config's pre-fold calibrated state, calibrated once (resumably) per run."""
-    calibrate(make_model(), images, base, progress=progress, resume_dir=out_dir / "base")
-    return read_progress_state(out_dir / "base")
 
 
 def _variant_path(out_dir: Path, variant: Variant) -> Path:
@@ -399,14 +426,10 @@ def ablate(
     (calibration and evaluation on ``device``; ``auto``: CUDA when available)."""
     from adalog.models import create_model
     from adalog.pipelines.evaluate import build_eval_loader, evaluate
-    from adalog.pipelines.plots import (
-        capture_activations,
-        plot_accuracy,
-        plot_levels,
-        quantizer_values,
-    )
+    from adalog.pipelines.plots import quantizer_values
 
-    device = resolve_device(device)
+    device = rank_device(device)
+    ranks = join(device)
 
     def make_model() -> nn.Module:
         return create_model(model_name, weights=weights, **(model_kwargs or {})).to(device)
@@ -423,11 +446,12 @@ def ablate(
         return {"top1": result.top1, "top5": result.top5, "n": result.n}
 
     fp32_fingerprint = run_fingerprint(model_identity(probe), eval_data=eval_data)
-    fp32 = read_fp32(out_dir)
-    if fp32 is None:  # the reference line of the tables and the bar chart
+    if ranks.is_main and read_fp32(out_dir) is None:  # the tables' and bar chart's reference
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         fp32 = score(make_model()) | {"fingerprint": fp32_fingerprint}
         atomic_write_json(Path(out_dir) / FP32_FILE, fp32)
+    barrier(ranks)
+    fp32 = read_fp32(out_dir)
     check_fingerprint(fp32.get("fingerprint", {}), fp32_fingerprint, Path(out_dir) / FP32_FILE)
     results = run_ablation(
         out_dir,
@@ -438,9 +462,27 @@ def ablate(
         score,
         inspect=lambda model: {"block": block, **quantizer_values(model, block)},
         eval_data=eval_data,
+        ranks=ranks,
     )
-    out_dir = Path(out_dir)
-    finished = all_results(out_dir)  # this invocation's variants and earlier ones
+    if ranks.is_main:
+        _write_figures(Path(out_dir), model_name, data, base, make_model, images, block)
+    return results
+
+
+def _write_figures(
+    out_dir: Path,
+    model_name: str,
+    data: str | Path,
+    base: AdaLogConfig,
+    make_model: ModelFactory,
+    images: Tensor,
+    block: int,
+) -> None:
+    """The tables of every finished variant (this invocation's and earlier ones), the accuracy
+    bar chart and the quantization-level plots of the chosen block."""
+    from adalog.pipelines.plots import capture_activations, plot_accuracy, plot_levels
+
+    finished = all_results(out_dir)
     write_tables(out_dir, finished)
     rows = [_row(r) for r in finished]
     if rows:
@@ -450,7 +492,8 @@ def ablate(
             f"({n_images} images of {Path(data).name})"
         )
         plot_accuracy(rows, out_dir / "accuracy.png", title, read_fp32(out_dir))
-    activations = capture_activations(make_model(), images[:8].to(device), block)
+    model = make_model()
+    activations = capture_activations(model, images[:8].to(model_device(model)), block)
     for key, groups in (
         ("post_gelu", ("post-gelu", "log-scale")),
         ("post_softmax", ("post-softmax",)),
@@ -458,4 +501,3 @@ def ablate(
         chosen = [(r["variant"], r["details"]) for r in finished if r["group"] in groups]
         if chosen:
             plot_levels(activations, chosen, key, out_dir / f"levels_{key}.png", block)
-    return results
