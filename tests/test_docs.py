@@ -34,8 +34,9 @@ SEPARATORS = {"&&", "||", ";", "|", "&"}
 #: Redirections (``> log``, ``2>&1``, ``>>log``): not arguments of the command.
 REDIRECTION = re.compile(r"^\d*(>>?|<)(&\d+)?\S*$")
 FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
-#: A shell line that runs ``adalog`` (or ``.venv/bin/adalog``), alone or after an operator.
-ADALOG_LINE = re.compile(r"(^|&&|\|\||;|\|)\s*(\S*/)?adalog(\s|$)")
+#: A shell line that runs ``adalog`` (or ``.venv/bin/adalog``), alone or after an operator, or
+#: ``adalog.cli`` as a module (``torchrun ... -m adalog.cli``).
+ADALOG_LINE = re.compile(r"((^|&&|\|\||;|\|)\s*(\S*/)?adalog(\s|$))|(-m adalog\.cli\s)")
 
 
 # -- configuration reference ------------------------------------------------------------------
@@ -127,8 +128,9 @@ def _shell_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _adalog_commands(line: str) -> list[list[str]]:
-    """The argument lists of the ``adalog`` (or ``.venv/bin/adalog``) commands on a shell
-    line: split at ``&&``, ``||``, ``;``, ``|`` and ``&``; comments and redirections dropped."""
+    """The argument lists of the ``adalog`` (or ``.venv/bin/adalog``, or ``... -m adalog.cli``)
+    commands on a shell line: split at ``&&``, ``||``, ``;``, ``|`` and ``&``; comments and
+    redirections dropped."""
     tokens = shlex.split(line, comments=True)
     commands, current = [], []
     skip_next = False
@@ -140,6 +142,8 @@ def _adalog_commands(line: str) -> list[list[str]]:
         elif token in SEPARATORS:
             if current and Path(current[0]).name == "adalog":
                 commands.append(current[1:])
+            elif "adalog.cli" in current[1:] and current[current.index("adalog.cli") - 1] == "-m":
+                commands.append(current[current.index("adalog.cli") + 1 :])
             current = []
         else:
             current.append(token)

@@ -423,11 +423,11 @@ def variant_overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from adalog.devices import resolve_device
+    from adalog.distributed import barrier, join, launched_world_size, rank_device
     from adalog.models import create_model
     from adalog.models.detection import DETECTORS
     from adalog.pipelines.calibrate import calibrate, calibration_batch
-    from adalog.pipelines.checkpoint import check_output_folder, save_quantized
+    from adalog.pipelines.checkpoint import check_output_folder, load_quantized, save_quantized
 
     config = _base_config(args)
     overrides = variant_overrides(args)
@@ -458,25 +458,40 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         raise ConfigError(f"--search-workers must be at least 1, got {args.search_workers}")
     if recon is not None and args.model in DETECTORS:
         raise ConfigError("--reconstruct supports classifiers only; detectors are calibrate-only")
-    out = check_output_folder(args.out)
+    if recon is None and launched_world_size() > 1:
+        raise ConfigError(
+            "under torchrun adalog quantize needs --reconstruct (the data-parallel part); "
+            "calibration alone runs in one process"
+        )
+    device = rank_device(args.device)
+    ranks = join(device)
+    out = Path(args.out)
     model = create_model(args.model, weights=args.weights, **args.model_kwargs)
     images, record = calibration_batch(model, args.calib_data, args.calib_list, config)
-    model.to(resolve_device(args.device))
-    calibrate(
-        model,
-        images,
-        config,
-        resume_dir=args.resume,
-        search_workers=args.search_workers,
-        calibration=record,
-    )
+    if ranks.is_main:  # calibration runs once; the other ranks load its result
+        out = check_output_folder(args.out)
+        model.to(device)
+        calibrate(
+            model,
+            images,
+            config,
+            resume_dir=args.resume,
+            search_workers=args.search_workers,
+            calibration=record,
+        )
     if recon is not None:
         from adalog.pipelines.reconstruct import reconstruct
 
-        save_quantized(model, out / "calibrated")
-        print(f"saved the calibrated model to {out / 'calibrated'}; reconstructing")
+        if ranks.is_main:
+            save_quantized(model, out / "calibrated")
+            print(f"saved the calibrated model to {out / 'calibrated'}; reconstructing")
+        barrier(ranks)
+        if ranks.active:  # every rank starts from the same saved model
+            model = load_quantized(out / "calibrated").to(device)
         resume = None if args.resume is None else Path(args.resume) / "reconstruct"
-        reconstruct(model, images, recon, resume_dir=resume)
+        reconstruct(model, images, recon, resume_dir=resume, ranks=ranks)
+    if not ranks.is_main:
+        return
     save_quantized(model, out)
     print(
         f"wrote quantized {args.model} ({config.w_bits}/{config.a_bits}/{config.s_bits} bits"
@@ -556,7 +571,7 @@ def _report(result, json_path: str | None) -> None:
 
 
 #: Commands that split their work over the processes of ``torchrun`` (adalog.distributed).
-DISTRIBUTED_COMMANDS = ("eval", "ablate")
+DISTRIBUTED_COMMANDS = ("eval", "ablate", "quantize")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

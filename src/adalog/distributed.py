@@ -131,3 +131,27 @@ def barrier(ranks: Ranks) -> None:
             dist.barrier(device_ids=[ranks.comm_device.index])
         else:
             dist.barrier()
+
+
+def sum_tensors_across_(tensors: list[torch.Tensor], ranks: Ranks) -> None:
+    """Replace each tensor by its sum over the ranks, in place, in one collective per dtype
+    (e.g. the gradients of one optimisation step)."""
+    if not ranks.active:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group]).to(ranks.comm_device)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for tensor, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            tensor.copy_(part.view_as(tensor))
+
+
+def gather_text(text: str, ranks: Ranks) -> list[str]:
+    """Every rank's ``text``, in rank order."""
+    if not ranks.active:
+        return [text]
+    box: list[str] = [""] * ranks.world_size
+    dist.all_gather_object(box, text)
+    return box

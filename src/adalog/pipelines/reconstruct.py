@@ -7,6 +7,12 @@ gradients, so that the quantized block reproduces the FP block's outputs; an opt
 end-to-end stage then tunes the float parts and scales of the whole model on its logits.
 Weights end up on the quantization grid and the post-GELU shift is folded with the final
 weights (§4).
+
+Under ``torchrun`` (``ranks`` of several processes) training is data-parallel: every rank holds
+the same views and draws the same batch indices and QDrop masks, computes the loss of its share
+of each batch (every world_size-th sample) and the gradients are summed over the ranks before
+each step, so every rank takes the same steps, equal to one process's up to the order of float
+sums (docs/guide.md, "Several processes").
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from adalog.devices import model_device, resolve_device
+from adalog.distributed import Ranks, gather_text, sum_tensors_across_
 from adalog.errors import ConfigError, DataError
 from adalog.models.qmodules import QuantLinear, set_quant_mode
 from adalog.pipelines.calibrate import fold_post_gelu_shift
@@ -64,6 +71,7 @@ def reconstruct(
     stats: dict[str, dict[str, float]] | None = None,
     resume_dir: str | Path | None = None,
     device: str | torch.device | None = None,
+    ranks: Ranks | None = None,
 ) -> nn.Module:
     """Reconstruct a calibrated model (from ``adalog.quantize`` or ``load_quantized``) in place.
 
@@ -76,8 +84,11 @@ def reconstruct(
     every unit (and after the end-to-end stage); rerunning with the same starting model,
     config and images continues after the last saved unit, bit for bit as an uninterrupted run.
     ``device`` moves the model there first (``"auto"``: CUDA when available); by default it
-    trains where the model is.
+    trains where the model is. ``ranks`` (:func:`adalog.distributed.join`) of several processes
+    share each batch out (module doc); each must pass the same model, images and config, and
+    all end with the same parameters (checked: a mismatch is an error).
     """
+    ranks = ranks or Ranks()
     config = ReconstructConfig.fast() if config is None else config
     stats = {} if stats is None else stats
     if getattr(model, "adalog_meta", None) is None:
@@ -90,6 +101,11 @@ def reconstruct(
         )
     if images.dim() != 4 or images.shape[0] == 0:
         raise DataError(f"images must be a non-empty (N, C, H, W) batch, got {tuple(images.shape)}")
+    if min(config.batch_size, config.data_size) < ranks.world_size:
+        raise ConfigError(
+            f"batches of {min(config.batch_size, config.data_size)} views cannot be shared by "
+            f"{ranks.world_size} ranks"
+        )
     # units first: a bad kl_tail is refused before the model is touched
     names = reconstruction_blocks(model) if config.iterations > 0 else []
     names = with_kl_tail(model, names, config.kl_tail) if names else names
@@ -119,29 +135,43 @@ def reconstruct(
     total = len(names) * config.iterations + config.network_iterations
     initial = sum(config.iterations for name in names if name in done)
     initial += config.network_iterations if "network" in done else 0
-    bar = tqdm(total=total, initial=initial, desc="reconstruct", disable=not progress)
+    bar = tqdm(
+        total=total, initial=initial, desc="reconstruct", disable=not progress or not ranks.is_main
+    )
     try:
         for name in stages:
             if name in done:
                 continue
             start = time.perf_counter()
             if name == "network":
-                losses = _train_network(model, fp_model, data, config, gens, bar)
+                losses = _train_network(model, fp_model, data, config, gens, bar, ranks)
             else:
                 block_data = _block_data(model, fp_model, name, data, config, gens, previous)
-                losses = _train_block(model, name, block_data, config, gens, bar)
+                losses = _train_block(model, name, block_data, config, gens, bar, ranks)
                 previous = (name, block_data)
             stats[name] = {"seconds": time.perf_counter() - start} | losses
             if resume_dir is not None:
                 done.append(name)
-                save_progress(model, resume_dir, done, fingerprint, gens.states(), stats)
+                if ranks.is_main:  # every rank holds the same state
+                    save_progress(model, resume_dir, done, fingerprint, gens.states(), stats)
     finally:
         bar.close()
         for param, flag in grad_flags.items():
             param.requires_grad_(flag)
     fold_post_gelu_shift(model)
+    _check_same_state(model, ranks)
     model.adalog_meta = model.adalog_meta | {"reconstruct": config.to_dict()}
     return model.eval()
+
+
+def _check_same_state(model: nn.Module, ranks: Ranks) -> None:
+    """Data-parallel training must leave every rank with the same model, bit for bit."""
+    digests = gather_text(state_digest(model), ranks)
+    if len(set(digests)) > 1:
+        raise RuntimeError(
+            f"the ranks ended reconstruction with different models (state digests {digests}); "
+            "they must start from the same model, images and config"
+        )
 
 
 class _Generators:
@@ -296,16 +326,29 @@ def round_beta(step: int, config: ReconstructConfig) -> float | None:
 
 
 def reconstruction_loss(
-    out: Tensor, target: Tensor, head: bool, rec_weight: float, weights: Tensor | None = None
+    out: Tensor,
+    target: Tensor,
+    head: bool,
+    rec_weight: float,
+    weights: Tensor | None = None,
+    batch_total: int | None = None,
 ) -> Tensor:
     """Head: ``KL(softmax(y) ‖ softmax(ŷ))`` per image; other blocks: ``rec_weight ·
-    mean Σ_dim1 w·(ŷ − y)²`` (sum over tokens, mean over the rest, §7.6)."""
+    mean Σ_dim1 w·(ŷ − y)²`` (sum over tokens, mean over the rest, §7.6). ``batch_total``: the
+    images are one rank's share of a batch of that many, and the means are over the whole batch
+    (the ranks' losses add up to it)."""
     if head:
-        return F.kl_div(out.log_softmax(-1), target.softmax(-1), reduction="batchmean")
+        if batch_total is None:
+            return F.kl_div(out.log_softmax(-1), target.softmax(-1), reduction="batchmean")
+        return F.kl_div(out.log_softmax(-1), target.softmax(-1), reduction="sum") / batch_total
     err = (out - target).square()
     if weights is not None:
         err = err * weights
-    return rec_weight * err.sum(dim=1).mean()
+    per_token_sum = err.sum(dim=1)
+    if batch_total is None:
+        return rec_weight * per_token_sum.mean()
+    per_image = per_token_sum.numel() // max(per_token_sum.shape[0], 1)
+    return rec_weight * per_token_sum.sum() / (per_image * batch_total)
 
 
 def _train_block(
@@ -315,11 +358,13 @@ def _train_block(
     config: ReconstructConfig,
     gens: _Generators,
     bar: tqdm,
+    ranks: Ranks,
 ) -> dict[str, float]:
     block = unit_module(model, name)
     head = ends_in_logits(model, name)
     before = _probe_error(block, data, config, head)
     calibrated = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    batch = min(config.batch_size, len(data))
     state = prepare_block(
         block,
         config.train_weights,
@@ -327,31 +372,30 @@ def _train_block(
         config.drop_prob,
         gens.device,
         config.train_bias_norm,
+        (ranks.rank, ranks.world_size, batch) if ranks.active else None,
     )
     optimizers, schedulers = _optimizers(state, config, config.iterations)
     first = None
     bar.set_description(f"reconstruct {name}")
     try:
         for step in range(1, config.iterations + 1):
-            x, y, w = _batch(data, config, gens)
-            rec = reconstruction_loss(block(x), y, head, config.rec_weight, w)
+            x, y, w = _batch(data, config, gens, ranks)
+            total = batch if ranks.active else None
+            rec = reconstruction_loss(block(x), y, head, config.rec_weight, w, total)
             beta = round_beta(step, config)
             reg = 0.0
-            if beta is not None and state.adarounds:
-                reg = config.round_reg * state.regularizer(beta)
-            loss = rec + reg
-            first = float(rec.detach()) if first is None else first
-            if optimizers:
-                _descend(loss, optimizers, schedulers, state)
+            if beta is not None and state.adarounds:  # the same on every rank: count it once
+                reg = config.round_reg * state.regularizer(beta) / ranks.world_size
+            last = _descend(rec, rec + reg, optimizers, schedulers, state, ranks)
+            first = last if first is None else first
             bar.update()
             if step % _POSTFIX_EVERY == 0 or step == config.iterations:
-                bar.set_postfix(
-                    it=step, loss=f"{float(loss.detach()):.4g}", rec=f"{float(rec.detach()):.4g}"
-                )
+                reg_all = ranks.world_size * float(reg.detach() if torch.is_tensor(reg) else reg)
+                bar.set_postfix(it=step, loss=f"{last + reg_all:.4g}", rec=f"{last:.4g}")
     finally:
         state.finish()
     after = _probe_error(block, data, config, head)
-    return _keep_or_revert(block, calibrated, config, first, float(rec.detach()), before, after)
+    return _keep_or_revert(block, calibrated, config, first, last, before, after)
 
 
 def _train_network(
@@ -361,6 +405,7 @@ def _train_network(
     config: ReconstructConfig,
     gens: _Generators,
     bar: tqdm,
+    ranks: Ranks,
 ) -> dict[str, float]:
     """End-to-end stage: activation scales, biases and LayerNorm affines of the whole model
     trained on ``KL(softmax(y_FP) ‖ softmax(ŷ))`` of the logits, weights as they are."""
@@ -386,9 +431,10 @@ def _train_network(
     try:
         for step in range(1, config.network_iterations + 1):
             idx = gens.batch(len(data), config.batch_size, data.device)
-            loss = reconstruction_loss(model(data[idx]), targets[idx], True, 1.0)
-            _descend(loss, optimizers, schedulers, state)
-            last = float(loss.detach())
+            total = len(idx) if ranks.active else None
+            idx = idx[ranks.rank :: ranks.world_size]
+            loss = reconstruction_loss(model(data[idx]), targets[idx], True, 1.0, None, total)
+            last = _descend(loss, loss, optimizers, schedulers, state, ranks)
             first = last if first is None else first
             bar.update()
             if step % _POSTFIX_EVERY == 0 or step == config.network_iterations:
@@ -398,16 +444,30 @@ def _train_network(
     return _keep_or_revert(model, snapshot, config, first, last, before, probe_loss())
 
 
-def _descend(loss: Tensor, optimizers: list, schedulers: list, state: BlockTraining) -> None:
-    """One optimisation step of every optimiser and scheduler; scales kept positive."""
+def _descend(
+    rec: Tensor,
+    loss: Tensor,
+    optimizers: list,
+    schedulers: list,
+    state: BlockTraining,
+    ranks: Ranks,
+) -> float:
+    """One optimisation step of every optimiser and scheduler on ``loss`` (scales kept
+    positive); the reconstruction term ``rec`` of the whole batch, returned as a float. Ranks
+    sum their gradients and ``rec`` first, so all take the same step."""
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if optimizers:
+        loss.backward()
+    rec = rec.detach().reshape(1).clone()
+    sum_tensors_across_([p.grad for p in params if p.grad is not None] + [rec], ranks)
     for opt in optimizers:
         opt.step()
     for scheduler in schedulers:
         scheduler.step()
     state.clamp_scales()
+    return float(rec)
 
 
 def _keep_or_revert(
@@ -458,15 +518,19 @@ def _optimizers(state: BlockTraining, config: ReconstructConfig, iterations: int
 
 
 def _batch(
-    data: BlockData, config: ReconstructConfig, gens: _Generators
+    data: BlockData, config: ReconstructConfig, gens: _Generators, ranks: Ranks
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """A fresh random subset (§7.5); under QDrop with quantized inputs each element of the
-    block input is the FP one with probability ``drop_prob``."""
+    block input is the FP one with probability ``drop_prob``. Every rank draws the whole
+    batch's indices and mask (the same on all) and keeps its share, every world_size-th."""
     idx = gens.batch(len(data), config.batch_size, data.inputs.device)
+    mine = slice(ranks.rank, None, ranks.world_size)
     x = data.inputs[idx]
     if data.fp_inputs is not None:
         rand = torch.rand(x.shape, generator=gens.device, device=x.device, dtype=x.dtype)
-        keep_fp = (rand < config.drop_prob).to(x.dtype)
-        x = x.lerp_(data.fp_inputs[idx], keep_fp)
-    w = None if data.weights is None else data.weights[idx]
-    return x, data.targets[idx], w
+        keep_fp = (rand[mine] < config.drop_prob).to(x.dtype)
+        x = x[mine].lerp_(data.fp_inputs[idx[mine]], keep_fp)
+    else:
+        x = x[mine]
+    w = None if data.weights is None else data.weights[idx[mine]]
+    return x, data.targets[idx[mine]], w

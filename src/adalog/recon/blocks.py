@@ -164,11 +164,12 @@ def prepare_block(
     drop_prob: float,
     generator: torch.Generator | None,
     train_bias_norm: bool = False,
+    share: tuple[int, int, int] | None = None,
 ) -> BlockTraining:
     """Attach AdaRound (soft) to every weight quantizer and a training-mode stand-in (fused
-    STE, AdaLog exact power, optional QDrop) to every activation quantizer; mark the scales
-    trainable when ``train_act``, the float biases and LayerNorm affines when
-    ``train_bias_norm``."""
+    STE, AdaLog exact power, optional QDrop; ``share`` as :class:`TrainingQuantizer` takes it)
+    to every activation quantizer; mark the scales trainable when ``train_act``, the float
+    biases and LayerNorm affines when ``train_bias_norm``."""
     adarounds = []
     if train_weights:
         for module in block.modules():
@@ -181,7 +182,7 @@ def prepare_block(
     slots, scales = [], []
     for module, attr in activation_slots(block):
         quant = getattr(module, attr)
-        setattr(module, attr, TrainingQuantizer(quant, drop_prob, generator))
+        setattr(module, attr, TrainingQuantizer(quant, drop_prob, generator, share))
         slots.append((module, attr, quant))
         if train_act:
             scales += trainable_scales(quant)

@@ -116,15 +116,24 @@ def _exact_power_(codes: Tensor, kind: str, q: Tensor | None) -> Tensor:
 class TrainingQuantizer(nn.Module):
     """Stand-in for an activation quantizer while its block is reconstructed: fused STE
     forward/backward for uniform and log quantizers (other kinds run their own training mode)
-    and QDrop, which keeps each element unquantized with probability ``drop_prob``."""
+    and QDrop, which keeps each element unquantized with probability ``drop_prob``.
+
+    ``share`` = (rank, world_size, batch) when the block sees only one rank's share of each
+    batch (every world_size-th image of ``batch``): the QDrop mask is drawn for the whole batch
+    and this rank's images kept, so the ranks together use one process's masks."""
 
     def __init__(
-        self, quant: nn.Module, drop_prob: float = 0.0, generator: torch.Generator | None = None
+        self,
+        quant: nn.Module,
+        drop_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+        share: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         self.quant = quant
         self.drop_prob = drop_prob
         self.generator = generator
+        self.share = share
         self.kernel: Kernel | None = None
         if isinstance(quant, UniformQuantizer):
             self.kernel = uniform_kernel(quant.zero_point, quant.n_bits)
@@ -136,7 +145,14 @@ class TrainingQuantizer(nn.Module):
     def _keep_fp(self, x: Tensor) -> Tensor | None:
         if self.drop_prob <= 0:
             return None
-        rand = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        if self.share is None:
+            rand = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        else:  # dim 0 is image-major (images, or windows of each image in turn)
+            rank, world, batch = self.share
+            per_image = x.shape[0] // len(range(rank, batch, world))
+            whole = (batch, per_image, *x.shape[1:])
+            rand = torch.rand(whole, generator=self.generator, device=x.device, dtype=x.dtype)
+            rand = rand[rank::world].reshape(x.shape)
         return (rand < self.drop_prob).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
