@@ -82,7 +82,8 @@ def join(device: torch.device) -> Ranks:
             f"the process group runs {dist.get_backend()}, but work on {device} needs {backend}"
         )
     comm = device if backend == "nccl" else torch.device("cpu")
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]), comm)
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, comm)
 
 
 def leave() -> None:
