@@ -8,10 +8,15 @@ which costs the same as real images.
 Example (the issue's benchmark):
     python benchmarks/calibration_speed.py --out benchmarks/logs/calibration_speed.json
 
-``--blocks N`` keeps only the first N transformer blocks of ViT/DeiT models (then the head): a
-quick per-module breakdown, e.g. ``--models vit_tiny_patch16_224 --blocks 1``, or a measured
-part of a model too slow to calibrate whole; the JSON then also holds the whole model's time
-extrapolated from the mean block (``extrapolated_seconds``, said so in the table).
+``--blocks N`` keeps only the first N transformer blocks of ViT/DeiT models (then the head), or of
+a Swin model's longest stage (the others whole): a quick per-module breakdown, e.g. ``--models
+vit_tiny_patch16_224 --blocks 1``, or a measured part of a model too slow to calibrate whole; the
+JSON then also holds the whole model's time extrapolated from the mean block of that sequence
+(``extrapolated_seconds``, said so in the table).
+
+``--reconstruct PRESET`` then reconstructs the calibrated model (``fast``: the CLI's default) on
+the same images and records its time and the peak RSS of the whole process, extrapolated the same
+way under ``--blocks`` (``recon_extrapolated_seconds``).
 
 Any timm ViT/DeiT/Swin name works (random weights unless shared ones exist), at its own input
 size; ``--device cuda`` calibrates on a GPU and records ``torch.cuda.max_memory_allocated``.
@@ -27,6 +32,7 @@ import re
 import resource
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,24 +73,61 @@ def _calibration_images(model: torch.nn.Module, name: str, n_images: int):
     return torch.randn(n_images, 3, height, width, generator=gen), "seeded random images"
 
 
-def _extrapolated(timings: dict[str, float], kept: int, depth: int) -> float:
-    """Whole-model seconds from a run of the first ``kept`` of ``depth`` blocks: the searches
-    and capture passes of the mean block times ``depth``, plus the modules outside the blocks
-    (patch embedding, head) as measured."""
-    per_block = sum(t for m, t in timings.items() if m.startswith("blocks.") or m == "capture")
-    outside = sum(t for m, t in timings.items() if not m.startswith("blocks.") and m != "capture")
-    return per_block / kept * depth + outside
+@dataclass(frozen=True)
+class Truncation:
+    """The block sequence cut short: its module-name prefix, blocks kept, its full depth, and
+    the blocks of the model outside it (a Swin model's other stages)."""
+
+    prefix: str
+    kept: int
+    depth: int
+    other_blocks: int = 0
 
 
-def _truncate(model: torch.nn.Module, n_blocks: int | None) -> int | None:
-    """Keep the first ``n_blocks`` blocks; return the model's full depth."""
+def _extrapolated(timings: dict[str, float], cut: Truncation) -> float:
+    """Whole-model seconds from a run of the first ``kept`` of ``depth`` blocks of the cut
+    sequence: that sequence's mean block times ``depth``; the capture passes scaled by the
+    blocks of the whole model over those run; the other modules as measured."""
+    in_cut = sum(t for m, t in timings.items() if m.startswith(cut.prefix))
+    capture = timings.get("capture", 0.0)
+    outside = sum(timings.values()) - in_cut - capture
+    ratio = (cut.depth + cut.other_blocks) / (cut.kept + cut.other_blocks)
+    return in_cut / cut.kept * cut.depth + capture * ratio + outside
+
+
+def _truncate(model: torch.nn.Module, n_blocks: int | None) -> Truncation | None:
+    """Keep the first ``n_blocks`` blocks of a ViT/DeiT, or of a Swin model's longest stage."""
     if n_blocks is None:
         return None
-    if not hasattr(model, "blocks"):
-        raise SystemExit(f"--blocks needs a ViT/DeiT model with .blocks, not {type(model)}")
-    depth = len(model.blocks)
-    model.blocks = model.blocks[:n_blocks]
-    return depth
+    if hasattr(model, "blocks"):
+        depth = len(model.blocks)
+        model.blocks = model.blocks[:n_blocks]
+        return Truncation("blocks.", min(n_blocks, depth), depth)
+    if hasattr(model, "layers"):
+        sizes = [len(layer.blocks) for layer in model.layers]
+        stage = max(range(len(sizes)), key=sizes.__getitem__)
+        model.layers[stage].blocks = model.layers[stage].blocks[:n_blocks]
+        kept = min(n_blocks, sizes[stage])
+        return Truncation(f"layers.{stage}.blocks.", kept, sizes[stage], sum(sizes) - sizes[stage])
+    raise SystemExit(f"--blocks needs a ViT/DeiT/Swin model, not {type(model)}")
+
+
+def _reconstruct(model, images, preset: str, cut: Truncation | None) -> dict:
+    """Time the reconstruction of the calibrated ``model``; per-unit seconds kept."""
+    from adalog.pipelines.reconstruct import reconstruct
+    from adalog.recon.config import ReconstructConfig
+
+    stats: dict[str, dict] = {}
+    start = time.perf_counter()
+    reconstruct(model, images, ReconstructConfig.preset(preset), stats=stats)
+    out = {
+        "reconstruct": preset,
+        "recon_seconds": time.perf_counter() - start,
+        "recon_seconds_by_unit": {unit: record["seconds"] for unit, record in stats.items()},
+    }
+    if cut is not None:
+        out["recon_extrapolated_seconds"] = _extrapolated(out["recon_seconds_by_unit"], cut)
+    return out
 
 
 def _run_one(
@@ -94,6 +137,7 @@ def _run_one(
     n_blocks: int | None,
     workers: int,
     device: str,
+    reconstruct: str | None,
     queue,
 ) -> None:
     config = AdaLogConfig.from_dict(config_dict)
@@ -104,7 +148,7 @@ def _run_one(
     else:
         torch.manual_seed(0)
         model, source = create_model(name, pretrained=False), "random init"
-    depth = _truncate(model, n_blocks)
+    cut = _truncate(model, n_blocks)
     images, image_source = _calibration_images(model, name, n_images)
     model.to(device)
     timings: dict[str, float] = {}
@@ -114,12 +158,19 @@ def _run_one(
         torch.cuda.synchronize(device)
     total = time.perf_counter() - start
     extra = {}
-    if depth is not None:
-        extra["extrapolated_seconds"] = _extrapolated(timings, min(n_blocks, depth), depth)
-        extra["blocks_measured"], extra["depth"] = min(n_blocks, depth), depth
+    if cut is not None:
+        extra["extrapolated_seconds"] = _extrapolated(timings, cut)
+        extra["blocks_measured"], extra["depth"] = cut.kept, cut.depth
+        extra["truncated"] = cut.prefix.rstrip(".")
+    calib_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         extra["cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         extra["gpu"] = torch.cuda.get_device_name(device)
+    if reconstruct is not None:
+        extra |= _reconstruct(model, images, reconstruct, cut)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+            extra["recon_cuda_max_memory_mb"] = peak
     queue.put(
         {
             "model": name if n_blocks is None else f"{name} (first {n_blocks} blocks)",
@@ -127,6 +178,7 @@ def _run_one(
             "weights": source,
             "images": f"{images.shape[0]} {image_source}",
             "calib_seconds": total,
+            "calib_peak_rss_mb": calib_rss,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "seconds_by_kind": seconds_by_kind(timings),
             "seconds_by_module": timings,
@@ -144,10 +196,11 @@ def run_isolated(
     n_blocks: int | None,
     workers: int,
     device: str = "cpu",
+    reconstruct: str | None = None,
 ) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    args = (name, config.to_dict(), n_images, n_blocks, workers, device, queue)
+    args = (name, config.to_dict(), n_images, n_blocks, workers, device, reconstruct, queue)
     proc = ctx.Process(target=_run_one, args=args)
     proc.start()
     result = queue.get()
@@ -157,20 +210,25 @@ def run_isolated(
 
 def print_tables(rows: list[dict]) -> None:
     columns = ["model", "weights", "device", "calibration", "whole model (extrapolated)"]
-    columns += ["peak RSS", "GPU memory"]
+    columns += ["peak RSS", "GPU memory", "reconstruction", "whole (extrapolated)", "peak RSS"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for r in rows:
+        blocks = f" ({r.get('blocks_measured')} of {r.get('depth')} blocks measured)"
         whole = r.get("extrapolated_seconds")
-        whole = (
-            f"{whole / 60:.1f} min ({r['blocks_measured']} of {r['depth']} blocks measured)"
-            if whole
-            else "–"
-        )
+        whole = f"{whole / 60:.1f} min{blocks}" if whole else "–"
         gpu = f"{r['cuda_max_memory_mb']:.0f} MB" if "cuda_max_memory_mb" in r else "–"
+        recon = recon_whole = recon_rss = "–"
+        if "recon_seconds" in r:
+            recon = f"{r['recon_seconds'] / 60:.1f} min ({r['reconstruct']})"
+            recon_rss = f"{r['peak_rss_mb']:.0f} MB"
+            if "recon_extrapolated_seconds" in r:
+                recon_whole = f"{r['recon_extrapolated_seconds'] / 60:.1f} min"
+        calib_rss = r.get("calib_peak_rss_mb", r["peak_rss_mb"])
         print(
             f"| {r['model']} | {r['weights']} | {r.get('device', 'cpu')} "
-            f"| {r['calib_seconds'] / 60:.1f} min | {whole} | {r['peak_rss_mb']:.0f} MB | {gpu} |"
+            f"| {r['calib_seconds'] / 60:.1f} min | {whole} | {calib_rss:.0f} MB | {gpu} "
+            f"| {recon} | {recon_whole} | {recon_rss} |"
         )
     for r in rows:
         # parallel searches overlap, so shares are of the summed search seconds, not wall time
@@ -188,7 +246,12 @@ def main() -> None:
     parser.add_argument("--preset", default="w4a4")
     parser.add_argument("--engine", default="fast", choices=["fast", "naive"])
     parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--blocks", type=int, help="keep only the first N blocks (ViT/DeiT)")
+    parser.add_argument(
+        "--blocks", type=int, help="keep only the first N blocks (ViT/DeiT; Swin: longest stage)"
+    )
+    parser.add_argument(
+        "--reconstruct", choices=("fast", "reference"), help="then time this reconstruction"
+    )
     parser.add_argument("--set", nargs="*", default=[], help="config overrides key=JSON")
     parser.add_argument(
         "--search-workers", type=int, default=1, help="module searches run at once (default 1)"
@@ -201,7 +264,15 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows.append(
-            run_isolated(name, config, args.images, args.blocks, args.search_workers, args.device)
+            run_isolated(
+                name,
+                config,
+                args.images,
+                args.blocks,
+                args.search_workers,
+                args.device,
+                args.reconstruct,
+            )
         )
         payload = {
             "machine": platform.processor() or platform.machine(),
