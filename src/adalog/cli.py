@@ -465,11 +465,11 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         )
     device = rank_device(args.device)
     ranks = join(device)
-    out = Path(args.out)
+    # checked before any work, by rank 0 only (the others would see its files)
+    out = check_output_folder(args.out) if ranks.is_main else Path(args.out)
     model = create_model(args.model, weights=args.weights, **args.model_kwargs)
     images, record = calibration_batch(model, args.calib_data, args.calib_list, config)
     if ranks.is_main:  # calibration runs once; the other ranks load its result
-        out = check_output_folder(args.out)
         model.to(device)
         calibrate(
             model,
