@@ -207,7 +207,7 @@ def run_ablation(
             reuse = Reuse(base_state, lambda name, s=searched: parts.part_of(name) in s)
         model = make_model()
         start = time.perf_counter()
-        calibrate(model, images, config, progress=progress, reuse=reuse)
+        calibrate(model, images, config, progress=progress and ranks.is_main, reuse=reuse)
         seconds = time.perf_counter() - start
         result = {
             "variant": variant.name,
@@ -442,7 +442,7 @@ def ablate(
     block = plot_block if plot_block is not None else n_blocks // 2
 
     def score(model: nn.Module) -> dict[str, Any]:
-        result = evaluate(model, loader, device=device, name=model_name)
+        result = evaluate(model, loader, device=device, name=model_name, progress=ranks.is_main)
         return {"top1": result.top1, "top5": result.top5, "n": result.n}
 
     fp32_fingerprint = run_fingerprint(model_identity(probe), eval_data=eval_data)

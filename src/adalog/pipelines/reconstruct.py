@@ -524,13 +524,13 @@ def _batch(
     block input is the FP one with probability ``drop_prob``. Every rank draws the whole
     batch's indices and mask (the same on all) and keeps its share, every world_size-th."""
     idx = gens.batch(len(data), config.batch_size, data.inputs.device)
-    mine = slice(ranks.rank, None, ranks.world_size)
-    x = data.inputs[idx]
+    share = slice(ranks.rank, None, ranks.world_size)
+    mine = idx[share]
+    x = data.inputs[mine]
     if data.fp_inputs is not None:
-        rand = torch.rand(x.shape, generator=gens.device, device=x.device, dtype=x.dtype)
-        keep_fp = (rand[mine] < config.drop_prob).to(x.dtype)
-        x = x[mine].lerp_(data.fp_inputs[idx[mine]], keep_fp)
-    else:
-        x = x[mine]
-    w = None if data.weights is None else data.weights[idx[mine]]
-    return x, data.targets[idx[mine]], w
+        whole = (len(idx), *x.shape[1:])
+        rand = torch.rand(whole, generator=gens.device, device=x.device, dtype=x.dtype)
+        keep_fp = (rand[share] < config.drop_prob).to(x.dtype)
+        x = x.lerp_(data.fp_inputs[mine], keep_fp)
+    w = None if data.weights is None else data.weights[mine]
+    return x, data.targets[mine], w
