@@ -63,6 +63,12 @@ def _tiny_weights(tmp_path: Path, num_classes: int = 3) -> Path:
     return weights
 
 
+def _calibration_args(weights: Path, data: Path, config: Path) -> list[str]:
+    """The tiny ViT, its calibration images and the quick config, as CLI arguments."""
+    args = ["--model", NAME, "--weights", str(weights), "--model-kwargs", json.dumps(TINY)]
+    return args + ["--calib-data", str(data), "--config", str(config)]
+
+
 def test_shards_cover_every_item_once():
     for n in (0, 1, 7, 10):
         for world in (1, 2, 3):
@@ -112,9 +118,8 @@ def test_ablation_split_over_two_ranks_equals_one_process(tmp_path: Path, nine_i
     tables = {}
     for nproc in (1, 2):
         out = tmp_path / f"run_{nproc}"
-        args = ["ablate", "--model", NAME, "--weights", str(weights)]
-        args += ["--model-kwargs", json.dumps(TINY), "--calib-data", str(data)]
-        args += ["--data", str(data), "--config", str(config), "--out", str(out)]
+        args = ["ablate", *_calibration_args(weights, data, config)]
+        args += ["--data", str(data), "--out", str(out)]
         args += ["--sets", "post-gelu", "fpcs", "--variants", "gelu-uniform", "exhaustive"]
         args += ["--workers", "0"]
         _run(args, nproc, tmp_path)
@@ -156,9 +161,8 @@ def test_reconstruction_on_two_ranks_matches_one_process(tmp_path: Path, nine_im
     models = {}
     for nproc in (1, 2):
         out = tmp_path / f"q_{nproc}"
-        args = ["quantize", "--model", NAME, "--weights", str(weights)]
-        args += ["--model-kwargs", json.dumps(TINY), "--calib-data", str(data)]
-        args += ["--config", str(config), "--reconstruct", str(recon), "--out", str(out)]
+        args = ["quantize", *_calibration_args(weights, data, config)]
+        args += ["--reconstruct", str(recon), "--out", str(out)]
         _run(args, nproc, tmp_path)  # fails if the two ranks end with different models
         models[nproc] = load_quantized(out)
     state1, state2 = models[1].state_dict(), models[2].state_dict()

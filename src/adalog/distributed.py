@@ -103,7 +103,7 @@ def sum_across(values: list[float], ranks: Ranks, dtype: torch.dtype = torch.int
     if not ranks.active:
         return list(values)
     tensor = torch.tensor(values, dtype=dtype, device=ranks.comm_device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    sum_tensors_across_([tensor], ranks)
     return tensor.tolist()
 
 
