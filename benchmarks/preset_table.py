@@ -3,8 +3,9 @@
 Reads the JSON rows that ``quantize_eval.py`` (via ``run_plus_queue.sh``) and
 ``reconstruct_eval.py`` wrote under benchmarks/logs, groups them by model, bits and preset, and
 prints one Markdown row per group: mean and sample standard deviation of the dev-rest top-1
-over its seeds, each seed's top-1, calibration minutes and peak RSS, with the reference
-implementation's figure beside it where ../shared/REFERENCE.md has one. Writes the same as JSON.
+over its seeds, each seed's top-1, minutes (calibration plus any reconstruction) and peak RSS,
+with the reference implementation's figure beside it where ../shared/REFERENCE.md has one.
+Writes the same as JSON.
 
     python benchmarks/preset_table.py --out benchmarks/logs/preset_table.json
 """
@@ -22,6 +23,14 @@ LOGS = Path(__file__).resolve().parent / "logs"
 #: The reference implementation's own dev-rest top-1 (../shared/REFERENCE.md); the other
 #: model/bit combinations are still "pending" there.
 REFERENCE_IMPLEMENTATION = {("vit_tiny_patch16_224", "w4a4"): 0.6004}
+#: (preset row, file-name tag after the bits, suffix): ``quantize_eval.py`` rows for the
+#: calibrate-only presets, ``reconstruct_eval.py`` rows for the reconstructed ones.
+PRESET_ROWS = (
+    ("reference", "", "_ref"),
+    ("plus, calibrate only", "plus", ""),
+    ("plus (light reconstruction)", "plus_light", ""),
+    ("plus + fast reconstruction", "plus_fast", ""),
+)
 #: (model, bits, preset) -> file-name pattern of its rows (one per calibration seed).
 GROUPS = {
     (model, bits, preset): f"{short}_{bits}{tag}_calib32_seed*{suffix}.json"
@@ -30,8 +39,13 @@ GROUPS = {
         ("deit_tiny_patch16_224", "deit_tiny"),
     )
     for bits in ("w3a3", "w4a4", "w6a6")
-    for preset, tag, suffix in (("reference", "", "_ref"), ("plus", "plus", ""))
+    for preset, tag, suffix in PRESET_ROWS
 }
+
+
+def _seconds(row: dict) -> float:
+    """Calibration plus reconstruction time of one run."""
+    return row["calib_seconds"] + (row.get("reconstruct_seconds") or 0.0)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -41,7 +55,7 @@ def summarise(rows: list[dict]) -> dict:
         "top1": top1,
         "mean": statistics.fmean(top1),
         "sd": statistics.stdev(top1) if len(top1) > 1 else None,
-        "calib_minutes": [round(r["calib_seconds"] / 60, 1) for r in rows],
+        "minutes": [round(_seconds(r) / 60, 1) for r in rows],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
     }
 
@@ -54,7 +68,7 @@ def main() -> None:
     table = []
     print(
         "| model | bits | preset | seeds | dev-rest top-1 mean (sd) | per seed | reference "
-        "implementation | calibration (min) | peak RSS |"
+        "implementation | calibration + reconstruction (min) | peak RSS |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for (model, bits, preset), pattern in GROUPS.items():
@@ -70,7 +84,7 @@ def main() -> None:
             f"| {model} | {bits} | {preset} | {', '.join(map(str, summary['seeds']))} "
             f"| {summary['mean']:.4f}{sd} | {' / '.join(f'{t:.4f}' for t in summary['top1'])} "
             f"| {'' if ref is None else f'{ref:.4f}'} "
-            f"| {' / '.join(map(str, summary['calib_minutes']))} "
+            f"| {' / '.join(map(str, summary['minutes']))} "
             f"| {summary['peak_rss_mb']:.0f} MB |"
         )
     atomic_write_json(args.out, table)

@@ -567,6 +567,40 @@ def test_cli_flag_defaults_to_fast():
     assert parser.parse_args([*base, "--reconstruct", "reference"]).reconstruct == "reference"
 
 
+def test_light_preset_is_fast_cut_short():
+    light = ReconstructConfig.preset("light")
+    assert (light.iterations, light.data_size) == (60, 256)
+    assert light.with_overrides(iterations=300, data_size=1024) == ReconstructConfig.fast()
+    assert ReconstructConfig.light(iterations=7).iterations == 7
+
+
+def test_plus_presets_reconstruct_classifiers_with_the_light_preset(capsys):
+    """``--preset *-plus`` without --reconstruct means the light reconstruction for a
+    classifier; --reconstruct (a preset or 'none') wins; detectors and the reference presets
+    stay calibrate-only."""
+    parser = adalog.cli.build_parser()
+    base = ["quantize", "--model", "m", "--calib-data", "d", "--out", "o"]
+
+    def recon(*flags: str, detector: bool = False):
+        return adalog.cli._reconstruct_config(parser.parse_args([*base, *flags]), detector)
+
+    assert recon("--preset", "w4a4-plus") == ReconstructConfig.light()
+    assert "reconstructs with the 'light' preset" in capsys.readouterr().err
+    assert recon("--preset", "w3a3-plus", "--seed", "9") == ReconstructConfig.light(seed=9)
+    assert recon("--preset", "w4a4-plus", "--reconstruct") == ReconstructConfig.fast()
+    assert recon("--preset", "w4a4-plus", "--reconstruct", "none") is None
+    assert recon("--preset", "w4a4-plus", detector=True) is None
+    assert recon("--preset", "w4a4") is None and recon() is None
+    assert recon("--reconstruct", "none") is None
+
+
+def test_plus_preset_refuses_gptq_flag_unless_calibrate_only(tmp_path: Path, capsys):
+    argv = ["quantize", "--model", "vit_tiny_patch16_224", "--calib-data", str(tmp_path)]
+    argv += ["--preset", "w4a4-plus", "--weight-rounding", "gptq", "--out", str(tmp_path / "q")]
+    assert adalog.cli.main(argv) == 1
+    assert "add --reconstruct none" in capsys.readouterr().err
+
+
 def test_cli_quantize_with_reconstruction(tmp_path: Path, tiny_folder: Path, monkeypatch):
     """The whole CLI path; the model factory is swapped for a one-block DeiT to keep it fast."""
     import adalog.models

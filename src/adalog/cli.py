@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from adalog.config import PRESETS
+from adalog.config import PLUS_RECONSTRUCTION, PRESETS
 from adalog.errors import AdalogError, ConfigError
 
 #: calibration images of a detector unless --calib-size says otherwise (a handful, as the
@@ -16,7 +16,8 @@ DETECTOR_CALIB_SIZE = 4
 PRESET_HELP = (
     "w3a3/w4a4/w6a6: the reference configuration (reproduce the paper); w3a3-plus/w4a4-plus/"
     "w6a6-plus: the same bits with the options beyond the reference that measured best "
-    "(value rotation and GPTQ rounding; best accuracy, calibrate-only)"
+    "(value rotation, and for classifiers a short 'light' reconstruction; calibrate-only: "
+    "GPTQ rounding instead)"
 )
 
 
@@ -155,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         const="fast",
         metavar="PRESET|FILE",
         help="after calibration, block reconstruction (AdaRound; the reference also trains the "
-        "activation scales) on views of "
-        "the calibration images: preset 'fast' (default when the flag is bare) or 'reference', "
-        "or a JSON/YAML ReconstructConfig file; --seed also seeds it",
+        "activation scales) on views of the calibration images: preset 'fast' (default when "
+        "the flag is bare), 'light' (the default of the *-plus presets) or 'reference', a "
+        "JSON/YAML ReconstructConfig file, or 'none' (calibrate only); --seed also seeds it",
     )
     qu.add_argument(
         "--resume",
@@ -442,17 +443,21 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     if args.eval_transform:
         overrides["calib_augment"] = False
     config = config.with_overrides(**overrides)
-    recon = _reconstruct_config(args)
+    recon = _reconstruct_config(args, detector=args.model in DETECTORS)
     if recon is not None and config.weight_rounding != "nearest":
         if args.weight_rounding is not None:
             raise ConfigError(
                 "--reconstruct learns the weight rounding itself: drop --weight-rounding gptq"
+                if args.reconstruct is not None
+                else f"--preset {args.preset} reconstructs, which learns the weight rounding: "
+                "add --reconstruct none to calibrate only with --weight-rounding gptq"
             )
-        print(
-            "note: --reconstruct learns the weight rounding; the GPTQ rounding of the preset/"
-            "config is left out (weight_rounding='nearest')",
-            file=sys.stderr,
-        )
+        if args.reconstruct is not None:  # the *-plus default says so in its own note
+            print(
+                "note: --reconstruct learns the weight rounding; the GPTQ rounding of the "
+                "preset/config is left out (weight_rounding='nearest')",
+                file=sys.stderr,
+            )
         config = config.with_overrides(weight_rounding="nearest")
     if args.search_workers < 1:
         raise ConfigError(f"--search-workers must be at least 1, got {args.search_workers}")
@@ -499,13 +504,22 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     )
 
 
-def _reconstruct_config(args: argparse.Namespace):
-    """The ReconstructConfig named by ``--reconstruct`` (None without the flag)."""
-    if args.reconstruct is None:
+def _reconstruct_config(args: argparse.Namespace, detector: bool):
+    """The ReconstructConfig named by ``--reconstruct``; without the flag, PLUS_RECONSTRUCTION
+    for a ``*-plus`` preset on a classifier, else None (as for ``--reconstruct none``)."""
+    spec = args.reconstruct
+    if spec is None and (args.preset or "").endswith("-plus") and not detector:
+        spec = PLUS_RECONSTRUCTION
+        print(
+            f"note: --preset {args.preset} reconstructs with the '{spec}' preset after "
+            "calibration (learned rounding instead of GPTQ; --reconstruct none: calibrate only)",
+            file=sys.stderr,
+        )
+    if spec is None or spec == "none":
         return None
     from adalog.recon.config import ReconstructConfig
 
-    recon = ReconstructConfig.resolve(args.reconstruct)
+    recon = ReconstructConfig.resolve(spec)
     return recon if args.seed is None else recon.with_overrides(seed=args.seed)
 
 

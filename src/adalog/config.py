@@ -23,6 +23,10 @@ BIT_RANGE = range(2, 9)
 #: ``fc2_token_norm`` is left out: on top of GPTQ it lowered top-1 (GPTQ already weighs fc2's
 #: tokens by their norm).
 PLUS_OPTIONS: dict[str, Any] = {"rotate_values": True, "weight_rounding": "gptq"}
+#: The block reconstruction (a ReconstructConfig preset) that ``adalog quantize --preset *-plus``
+#: runs after calibrating a classifier: it learns the weight rounding, so GPTQ is left out then;
+#: calibrate-only (detectors, ``--reconstruct none``, ``AdaLogConfig.preset``) GPTQ stays.
+PLUS_RECONSTRUCTION = "light"
 #: Preset names: the reference configurations and their beyond-reference counterparts.
 PRESETS = ("w3a3", "w4a4", "w6a6", "w3a3-plus", "w4a4-plus", "w6a6-plus")
 
