@@ -2,8 +2,13 @@
 
 import adalog
 qmodel = adalog.quantize(model, "calib_folder", adalog.AdaLogConfig.preset("w4a4-plus"))
-qmodel = adalog.reconstruct(qmodel, calib_images, adalog.ReconstructConfig.fast())  # optional
 adalog.save_quantized(qmodel, "qdir"); qmodel = adalog.load_quantized("qdir")
+
+Block reconstruction starts from a calibration with ``weight_rounding="nearest"`` (the
+``*-plus`` presets round with GPTQ); ``adalog quantize --preset w4a4-plus`` runs:
+config = adalog.AdaLogConfig.preset("w4a4-plus", weight_rounding="nearest")
+qmodel = adalog.reconstruct(adalog.quantize(model, images, config), images,
+                            adalog.ReconstructConfig.light())
 """
 
 from adalog._version import __version__
