@@ -23,8 +23,8 @@ LOGS = Path(__file__).resolve().parent / "logs"
 ABLATIONS = Path(__file__).resolve().parent / "ablations"
 FP32 = {"ViT-Tiny": 0.8376, "DeiT-Tiny": 0.7991}  # RESULTS.md, FP32 baselines (dev-rest)
 FP32_JSON = {"ViT-Tiny": ABLATIONS / "vit_tiny_w4a4" / "fp32.json"}
-METHODS = ("reference preset", "*-plus preset", "+ fast reconstruction")
-COLORS = ("#4c72b0", "#dd8452", "#55a868")
+METHODS = ("reference preset", "*-plus, calibrate only", "*-plus preset", "+ fast reconstruction")
+COLORS = ("#4c72b0", "#dd8452", "#c44e52", "#55a868")
 #: (model, bits, method) -> JSON logs whose top-1 are averaged (RESULTS.md's rows)
 RUNS: dict[tuple[str, str, str], list[str]] = {
     ("ViT-Tiny", "W3A3", "reference preset"): [
@@ -35,23 +35,31 @@ RUNS: dict[tuple[str, str, str], list[str]] = {
         "vit_tiny_w3a3_seed7_recon_fast_token_norm_s13.json",
     ],
     ("ViT-Tiny", "W4A4", "reference preset"): ["vit_tiny_w4a4_refcalib.json"],
-    ("ViT-Tiny", "W4A4", "*-plus preset"): [
+    ("ViT-Tiny", "W4A4", "*-plus, calibrate only"): [
         f"vit_tiny_w4a4plus_calib32_seed{s}.json" for s in (5, 6, 7)
+    ],
+    ("ViT-Tiny", "W4A4", "*-plus preset"): [
+        f"vit_tiny_w4a4plus_light_calib32_seed{s}.json" for s in (5, 6, 7)
     ],
     ("ViT-Tiny", "W4A4", "+ fast reconstruction"): [
         "vit_tiny_w4a4_refcalib_recon_fast_token_norm_s14.json"
     ],
     ("ViT-Tiny", "W6A6", "reference preset"): ["vit_tiny_w6a6_refcalib.json"],
-    ("ViT-Tiny", "W6A6", "*-plus preset"): ["vit_tiny_w6a6plus_calib32_seed5.json"],
+    ("ViT-Tiny", "W6A6", "*-plus preset"): ["vit_tiny_w6a6plus_light_calib32_seed5.json"],
     ("DeiT-Tiny", "W3A3", "reference preset"): ["deit_tiny_w3a3_calib32_seed5_s18.json"],
-    ("DeiT-Tiny", "W3A3", "*-plus preset"): ["deit_tiny_w3a3plus_calib32_seed5.json"],
+    ("DeiT-Tiny", "W3A3", "*-plus preset"): ["deit_tiny_w3a3plus_light_calib32_seed5.json"],
     ("DeiT-Tiny", "W3A3", "+ fast reconstruction"): ["deit_tiny_w3a3_seed5_recon_fast_s18.json"],
-    ("DeiT-Tiny", "W4A4", "reference preset"): ["deit_tiny_w4a4_calib32_seed5_s18.json"],
-    ("DeiT-Tiny", "W4A4", "*-plus preset"): [
+    ("DeiT-Tiny", "W4A4", "reference preset"): [
+        f"deit_tiny_w4a4_calib32_seed{s}_ref.json" for s in (5, 6, 7)
+    ],
+    ("DeiT-Tiny", "W4A4", "*-plus, calibrate only"): [
         f"deit_tiny_w4a4plus_calib32_seed{s}.json" for s in (5, 6, 7)
     ],
+    ("DeiT-Tiny", "W4A4", "*-plus preset"): [
+        f"deit_tiny_w4a4plus_light_calib32_seed{s}.json" for s in (5, 6, 7)
+    ],
     ("DeiT-Tiny", "W4A4", "+ fast reconstruction"): ["deit_tiny_w4a4_seed5_recon_fast_s18.json"],
-    ("DeiT-Tiny", "W6A6", "*-plus preset"): ["deit_tiny_w6a6plus_calib32_seed5.json"],
+    ("DeiT-Tiny", "W6A6", "*-plus preset"): ["deit_tiny_w6a6plus_light_calib32_seed5.json"],
 }
 #: The paper's DeiT-Tiny (official code, ImageNet, FP 72.21): calibrate-only and retrain.
 PAPER = {("W3A3", "calibrate"): 31.56, ("W4A4", "calibrate"): 63.52, ("W6A6", "calibrate"): 71.38}
@@ -79,7 +87,7 @@ def collect(logs: Path = LOGS) -> dict[tuple[str, str, str], tuple[float, int]]:
 def draw(results: dict, out: Path) -> None:
     models = ("ViT-Tiny", "DeiT-Tiny")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    width = 0.26
+    width = 0.2
     for ax, model in zip(axes, models, strict=True):
         fp = fp32_top1(model)
         for m, method in enumerate(METHODS):
@@ -87,17 +95,17 @@ def draw(results: dict, out: Path) -> None:
             for b, bits in enumerate(BITS):
                 if (model, bits, method) in results:
                     top1, n = results[(model, bits, method)]
-                    xs.append(b + (m - 1) * width)
+                    xs.append(b + (m - 1.5) * width)
                     ys.append(top1 / fp)
                     labels.append(f"{top1:.3f}" + (f"\n({n} runs)" if n > 1 else ""))
             ax.bar(xs, ys, width, label=method, color=COLORS[m])
             for x, y, text in zip(xs, ys, labels, strict=True):
                 ax.text(x, y + 0.01, text, ha="center", va="bottom", fontsize=7)
         if model == "DeiT-Tiny":
-            xs = [BITS.index(b) - width for (b, _), _ in PAPER.items()]
+            xs = [BITS.index(b) - 1.5 * width for (b, _), _ in PAPER.items()]
             ys = [v / PAPER_FP for v in PAPER.values()]
             ax.scatter(xs, ys, marker="_", s=300, color="black", label="paper, calibrate only")
-            xs = [BITS.index(b) + width for b in PAPER_RETRAIN]
+            xs = [BITS.index(b) + 1.5 * width for b in PAPER_RETRAIN]
             ys = [v / PAPER_FP for v in PAPER_RETRAIN.values()]
             ax.scatter(xs, ys, marker="x", color="black", label="paper, retrain")
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     results = collect()
     draw(results, Path(args.out))
     for (model, bits, method), (top1, n) in sorted(results.items()):
-        print(f"{model:9} {bits} {method:22} {top1:.4f} ({n} runs)")
+        print(f"{model:9} {bits} {method:24} {top1:.4f} ({n} runs)")
     missing = sorted(set(RUNS) - set(results))
     if missing:
         print("no JSON yet:", "; ".join(" ".join(key) for key in missing))
