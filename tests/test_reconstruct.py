@@ -630,6 +630,42 @@ def test_cli_quantize_with_reconstruction(tmp_path: Path, tiny_folder: Path, mon
     assert torch.equal(qkv.quantized_weight(), qkv.weight)
 
 
+def test_cli_plus_preset_calibrates_with_nearest_rounding_then_reconstructs_light(
+    tmp_path: Path, tiny_folder: Path, monkeypatch
+):
+    """The issue's contract command, ``--preset w4a4-plus`` and nothing else, calibrates with
+    the plus options and nearest rounding, then reconstructs with ``light`` (the pipelines are
+    replaced by recorders: what is checked is what the CLI hands them)."""
+    import adalog.models
+    import adalog.pipelines.calibrate as calibrate
+    import adalog.pipelines.checkpoint as checkpoint
+    import adalog.pipelines.reconstruct as reconstruct
+
+    calls: dict = {}
+    monkeypatch.setattr(
+        adalog.models,
+        "create_model",
+        lambda name, weights=None, **kw: timm.create_model(
+            name, pretrained=False, depth=1, embed_dim=32, num_heads=2
+        ),
+    )
+    monkeypatch.setattr(calibrate, "calibrate", lambda m, x, c, **kw: calls.update(calib=c))
+    monkeypatch.setattr(reconstruct, "reconstruct", lambda m, x, r, **kw: calls.update(recon=r))
+    monkeypatch.setattr(checkpoint, "save_quantized", lambda m, out: None)
+    monkeypatch.setattr(checkpoint, "load_quantized", lambda out: calls["model"])
+    monkeypatch.setattr(
+        calibrate, "calibration_batch", lambda m, *a: calls.update(model=m) or (None, {})
+    )
+    argv = ["quantize", "--model", "deit_tiny_patch16_224", "--calib-data", str(tiny_folder)]
+    argv += ["--preset", "w4a4-plus", "--seed", "3"]
+    assert adalog.cli.main([*argv, "--out", str(tmp_path / "q")]) == 0
+    assert calls["calib"] == AdaLogConfig.preset("w4a4-plus", weight_rounding="nearest", seed=3)
+    assert calls["recon"] == ReconstructConfig.light(seed=3)
+    calls.clear()
+    assert adalog.cli.main([*argv, "--reconstruct", "none", "--out", str(tmp_path / "q2")]) == 0
+    assert calls["calib"] == AdaLogConfig.preset("w4a4-plus", seed=3) and "recon" not in calls
+
+
 def test_token_norm_weights_follow_the_layernorm():
     """A token scaled by c has its error weighted by 1/c²: the error the next LayerNorm sees."""
     torch.manual_seed(0)
