@@ -125,10 +125,10 @@ class ReconstructConfig(SerialisableConfig):
 
     @classmethod
     def light(cls, **overrides: Any) -> ReconstructConfig:
-        """``fast`` cut to 60 iterations on 256 views, the reconstruction
-        of the ``*-plus`` presets: the ``fast`` runs plateau early (150 iterations scored as
-        well as 300 on ViT-Tiny W4A4), so a few minutes buy most of the gain over
-        calibrate-only (benchmarks/RESULTS.md, Beyond-reference presets)."""
+        """``fast`` cut to 60 iterations on 256 views, the reconstruction of the ``*-plus``
+        presets: ``fast`` plateaus early (150 iterations scored as well as 300 on ViT-Tiny
+        W4A4), so a few minutes buy most of its gain over calibrate-only, with no more memory
+        than the calibration (benchmarks/RESULTS.md, Beyond-reference presets)."""
         return cls.fast(**({"iterations": 60, "data_size": 256} | overrides))
 
     @classmethod
