@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import adalog
 import adalog.cli
-from adalog.config import AdaLogConfig
+from adalog.config import PLUS_RECONSTRUCTION, AdaLogConfig
 from adalog.errors import ConfigError
 from adalog.models import read_state_dict
 from adalog.models.qmodules import QuantConv2d, QuantLinear
@@ -21,6 +21,7 @@ from adalog.quant import GELU_SHIFT, LogQuantizer, UniformQuantizer
 from adalog.recon import AdaRoundQuantizer, ReconstructConfig
 from adalog.recon.adaround import rectified_sigmoid, round_regularizer
 from adalog.recon.blocks import TailUnit, reconstruction_blocks, unit_entry, with_kl_tail
+from adalog.recon.config import PRESETS as RECON_PRESETS
 from adalog.recon.data import augmented_views
 from adalog.recon.ste import TrainingQuantizer
 
@@ -574,10 +575,11 @@ def test_light_preset_is_fast_cut_short():
     assert ReconstructConfig.light(iterations=7).iterations == 7
 
 
-def test_plus_presets_reconstruct_classifiers_with_the_light_preset(capsys):
+def test_plus_presets_reconstruct_classifiers_with_the_light_preset(tmp_path: Path):
     """``--preset *-plus`` without --reconstruct means the light reconstruction for a
-    classifier; --reconstruct (a preset or 'none') wins; detectors and the reference presets
-    stay calibrate-only."""
+    classifier; --reconstruct (a preset or 'none') wins; detectors, the reference presets and
+    a --config file with the plus options stay calibrate-only."""
+    assert PLUS_RECONSTRUCTION == "light" and PLUS_RECONSTRUCTION in RECON_PRESETS
     parser = adalog.cli.build_parser()
     base = ["quantize", "--model", "m", "--calib-data", "d", "--out", "o"]
 
@@ -585,8 +587,9 @@ def test_plus_presets_reconstruct_classifiers_with_the_light_preset(capsys):
         return adalog.cli._reconstruct_config(parser.parse_args([*base, *flags]), detector)
 
     assert recon("--preset", "w4a4-plus") == ReconstructConfig.light()
-    assert "reconstructs with the 'light' preset" in capsys.readouterr().err
     assert recon("--preset", "w3a3-plus", "--seed", "9") == ReconstructConfig.light(seed=9)
+    AdaLogConfig.preset("w4a4-plus").save(tmp_path / "plus.json")
+    assert recon("--config", str(tmp_path / "plus.json")) is None
     assert recon("--preset", "w4a4-plus", "--reconstruct") == ReconstructConfig.fast()
     assert recon("--preset", "w4a4-plus", "--reconstruct", "none") is None
     assert recon("--preset", "w4a4-plus", detector=True) is None
@@ -631,11 +634,12 @@ def test_cli_quantize_with_reconstruction(tmp_path: Path, tiny_folder: Path, mon
 
 
 def test_cli_plus_preset_calibrates_with_nearest_rounding_then_reconstructs_light(
-    tmp_path: Path, tiny_folder: Path, monkeypatch
+    tmp_path: Path, tiny_folder: Path, monkeypatch, capsys
 ):
     """The issue's contract command, ``--preset w4a4-plus`` and nothing else, calibrates with
     the plus options and nearest rounding, then reconstructs with ``light`` (the pipelines are
     replaced by recorders: what is checked is what the CLI hands them)."""
+    import adalog.distributed
     import adalog.models
     import adalog.pipelines.calibrate as calibrate
     import adalog.pipelines.checkpoint as checkpoint
@@ -661,9 +665,15 @@ def test_cli_plus_preset_calibrates_with_nearest_rounding_then_reconstructs_ligh
     assert adalog.cli.main([*argv, "--out", str(tmp_path / "q")]) == 0
     assert calls["calib"] == AdaLogConfig.preset("w4a4-plus", weight_rounding="nearest", seed=3)
     assert calls["recon"] == ReconstructConfig.light(seed=3)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "reconstructs with the 'light' preset" in notes[0]
     calls.clear()
     assert adalog.cli.main([*argv, "--reconstruct", "none", "--out", str(tmp_path / "q2")]) == 0
     assert calls["calib"] == AdaLogConfig.preset("w4a4-plus", seed=3) and "recon" not in calls
+    # several processes share the reconstruction; --reconstruct none leaves them nothing to do
+    monkeypatch.setattr(adalog.distributed, "launched_world_size", lambda: 2)
+    assert adalog.cli.main([*argv, "--reconstruct", "none", "--out", str(tmp_path / "q3")]) == 1
+    assert "needs a reconstruction" in capsys.readouterr().err
 
 
 def test_token_norm_weights_follow_the_layernorm():

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from adalog.config import PLUS_RECONSTRUCTION, PRESETS
+from adalog.config import PLUS_RECONSTRUCTION, PRESETS, is_plus_preset
 from adalog.errors import AdalogError, ConfigError
 
 #: calibration images of a detector unless --calib-size says otherwise (a handful, as the
@@ -16,8 +16,8 @@ DETECTOR_CALIB_SIZE = 4
 PRESET_HELP = (
     "w3a3/w4a4/w6a6: the reference configuration (reproduce the paper); w3a3-plus/w4a4-plus/"
     "w6a6-plus: the same bits with the options beyond the reference that measured best "
-    "(value rotation, and for classifiers a short 'light' reconstruction; calibrate-only: "
-    "GPTQ rounding instead)"
+    "(value rotation and GPTQ rounding; adalog quantize follows them on a classifier with the "
+    "'light' reconstruction, which learns the rounding instead)"
 )
 
 
@@ -386,7 +386,8 @@ def _add_variant_args(parser: argparse.ArgumentParser) -> None:
         "--weight-rounding",
         choices=WEIGHT_ROUNDING_CHOICES,
         help="nearest (reference) or gptq (error-feedback rounding of every weight but the head's "
-        "on its searched grid; not combinable with --reconstruct)",
+        "on its searched grid; not combinable with a reconstruction, so with a *-plus preset "
+        "on a classifier it needs --reconstruct none)",
     )
     parser.add_argument(
         "--fc2-token-norm",
@@ -465,11 +466,18 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         raise ConfigError("--reconstruct supports classifiers only; detectors are calibrate-only")
     if recon is None and launched_world_size() > 1:
         raise ConfigError(
-            "under torchrun adalog quantize needs --reconstruct (the data-parallel part); "
-            "calibration alone runs in one process"
+            "under torchrun adalog quantize needs a reconstruction (--reconstruct, or a *-plus "
+            "preset without --reconstruct none): calibration alone runs in one process"
         )
     device = rank_device(args.device)
     ranks = join(device)
+    if ranks.is_main and recon is not None and args.reconstruct is None:
+        print(
+            f"note: --preset {args.preset} reconstructs with the '{PLUS_RECONSTRUCTION}' preset "
+            "after calibration (learned rounding instead of GPTQ; --reconstruct none: "
+            "calibrate only)",
+            file=sys.stderr,
+        )
     # checked before any work, by rank 0 only (the others would see its files)
     out = check_output_folder(args.out) if ranks.is_main else Path(args.out)
     model = create_model(args.model, weights=args.weights, **args.model_kwargs)
@@ -508,13 +516,8 @@ def _reconstruct_config(args: argparse.Namespace, detector: bool):
     """The ReconstructConfig named by ``--reconstruct``; without the flag, PLUS_RECONSTRUCTION
     for a ``*-plus`` preset on a classifier, else None (as for ``--reconstruct none``)."""
     spec = args.reconstruct
-    if spec is None and (args.preset or "").endswith("-plus") and not detector:
+    if spec is None and is_plus_preset(args.preset) and not detector:
         spec = PLUS_RECONSTRUCTION
-        print(
-            f"note: --preset {args.preset} reconstructs with the '{spec}' preset after "
-            "calibration (learned rounding instead of GPTQ; --reconstruct none: calibrate only)",
-            file=sys.stderr,
-        )
     if spec is None or spec == "none":
         return None
     from adalog.recon.config import ReconstructConfig

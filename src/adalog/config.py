@@ -171,9 +171,8 @@ class AdaLogConfig(SerialisableConfig):
         ``*-plus`` adds the options beyond the reference that measured best (PLUS_OPTIONS)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset '{name}'; choose from {', '.join(PRESETS)}")
-        base, _, plus = name.partition("-")
-        bits = int(base[1])
-        extra = PLUS_OPTIONS if plus else {}
+        bits = int(name[1])
+        extra = PLUS_OPTIONS if is_plus_preset(name) else {}
         return cls(w_bits=bits, a_bits=bits, s_bits=bits, **extra).with_overrides(**overrides)
 
     @classmethod
@@ -187,6 +186,11 @@ class AdaLogConfig(SerialisableConfig):
     @classmethod
     def w6a6(cls, **overrides: Any) -> AdaLogConfig:
         return cls.preset("w6a6", **overrides)
+
+
+def is_plus_preset(name: str | None) -> bool:
+    """Whether ``name`` is one of the beyond-reference ``*-plus`` presets."""
+    return name in PRESETS and name.endswith("-plus")
 
 
 def _check_bits(name: str, value: int) -> None:
