@@ -49,7 +49,9 @@ RUNS: dict[tuple[str, str, str], list[str]] = {
     ("DeiT-Tiny", "W3A3", "reference preset"): ["deit_tiny_w3a3_calib32_seed5_s18.json"],
     ("DeiT-Tiny", "W3A3", "*-plus preset"): ["deit_tiny_w3a3plus_light_calib32_seed5.json"],
     ("DeiT-Tiny", "W3A3", "+ fast reconstruction"): ["deit_tiny_w3a3_seed5_recon_fast_s18.json"],
-    ("DeiT-Tiny", "W4A4", "reference preset"): ["deit_tiny_w4a4_calib32_seed5_s18.json"],
+    ("DeiT-Tiny", "W4A4", "reference preset"): [
+        f"deit_tiny_w4a4_calib32_seed{s}_ref.json" for s in (5, 6, 7)
+    ],
     ("DeiT-Tiny", "W4A4", "*-plus, calibrate only"): [
         f"deit_tiny_w4a4plus_calib32_seed{s}.json" for s in (5, 6, 7)
     ],
