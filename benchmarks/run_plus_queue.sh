@@ -12,20 +12,21 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 REF=../shared/data/imagenet-sample/reference_calib32_vit_tiny.safetensors
 DEIT=(--model deit_tiny_patch16_224 --weights ../shared/models/deit_tiny_patch16_224.fb_in1k_lnq.safetensors)
-run() {  # name, then quantize_eval.py arguments
-  local name=$1; shift
+job() {  # name, benchmark script, then its arguments; skipped once its JSON exists
+  local name=$1 script=$2; shift 2
   [ -f "benchmarks/logs/$name.json" ] && { echo "skip $name"; return; }
-  $PY benchmarks/quantize_eval.py "$@" --resume "runs/progress/$name" --save "runs/$name" \
+  $PY "benchmarks/$script" "$@" --resume "runs/progress/$name" --save "runs/$name" \
     --out "benchmarks/logs/$name.json" > "benchmarks/logs/$name.log" 2>&1 \
     && tail -1 "benchmarks/logs/$name.log"
+}
+run() {  # name, then quantize_eval.py arguments: calibrate only
+  local name=$1; shift
+  job "$name" quantize_eval.py "$@"
 }
 plus() {  # name, reconstruction preset, then reconstruct_eval.py arguments: what
   # `adalog quantize --preset *-plus` does (GPTQ left out: the reconstruction learns the rounding)
   local name=$1 recon=$2; shift 2
-  [ -f "benchmarks/logs/$name.json" ] && { echo "skip $name"; return; }
-  $PY benchmarks/reconstruct_eval.py "$@" --set 'weight_rounding="nearest"' --reconstruct "$recon" \
-    --resume "runs/progress/$name" --save "runs/$name" --out "benchmarks/logs/$name.json" \
-    > "benchmarks/logs/$name.log" 2>&1 && tail -1 "benchmarks/logs/$name.log"
+  job "$name" reconstruct_eval.py "$@" --set 'weight_rounding="nearest"' --reconstruct "$recon"
 }
 # adalog's reference configuration on the reference tensors: the fidelity record's checkpoint
 run vit_tiny_w4a4_refcalib_fidelity --preset w4a4 --calib-tensor "$REF"

@@ -445,15 +445,16 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         overrides["calib_augment"] = False
     config = config.with_overrides(**overrides)
     recon = _reconstruct_config(args, detector=args.model in DETECTORS)
+    preset_reconstructs = recon is not None and args.reconstruct is None  # a *-plus default
     if recon is not None and config.weight_rounding != "nearest":
         if args.weight_rounding is not None:
             raise ConfigError(
-                "--reconstruct learns the weight rounding itself: drop --weight-rounding gptq"
-                if args.reconstruct is not None
-                else f"--preset {args.preset} reconstructs, which learns the weight rounding: "
+                f"--preset {args.preset} reconstructs, which learns the weight rounding: "
                 "add --reconstruct none to calibrate only with --weight-rounding gptq"
+                if preset_reconstructs
+                else "--reconstruct learns the weight rounding itself: drop --weight-rounding gptq"
             )
-        if args.reconstruct is not None:  # the *-plus default says so in its own note
+        if not preset_reconstructs:  # the *-plus default says so in its own note
             print(
                 "note: --reconstruct learns the weight rounding; the GPTQ rounding of the "
                 "preset/config is left out (weight_rounding='nearest')",
@@ -471,7 +472,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         )
     device = rank_device(args.device)
     ranks = join(device)
-    if ranks.is_main and recon is not None and args.reconstruct is None:
+    if ranks.is_main and preset_reconstructs:
         print(
             f"note: --preset {args.preset} reconstructs with the '{PLUS_RECONSTRUCTION}' preset "
             "after calibration (learned rounding instead of GPTQ; --reconstruct none: "
