@@ -34,18 +34,20 @@ for seed in 5 6 7; do
   run "vit_tiny_w4a4plus_calib32_seed$seed" --preset w4a4-plus --seed "$seed"
   plus "vit_tiny_w4a4plus_light_calib32_seed$seed" light --preset w4a4-plus --seed "$seed"
 done
-for seed in 5 6 7; do
-  plus "deit_tiny_w4a4plus_light_calib32_seed$seed" light "${DEIT[@]}" --preset w4a4-plus --seed "$seed"
+# DeiT-Tiny: the reconstructing plus preset against the reference preset, three seeds
+for seed in 6 7 5; do
   run "deit_tiny_w4a4_calib32_seed${seed}_ref" "${DEIT[@]}" --preset w4a4 --seed "$seed"
+  plus "deit_tiny_w4a4plus_light_calib32_seed$seed" light "${DEIT[@]}" --preset w4a4-plus --seed "$seed"
 done
-for seed in 5 6 7; do
-  run "vit_tiny_w4a4_calib32_seed${seed}_ref" --preset w4a4 --seed "$seed"
-  run "deit_tiny_w4a4plus_calib32_seed$seed" "${DEIT[@]}" --preset w4a4-plus --seed "$seed"
-done
-plus vit_tiny_w4a4plus_fast_calib32_seed5 fast --preset w4a4-plus --seed 5
-plus deit_tiny_w4a4plus_fast_calib32_seed5 fast "${DEIT[@]}" --preset w4a4-plus --seed 5
 for bits in w6a6 w3a3; do
   plus "vit_tiny_${bits}plus_light_calib32_seed5" light --preset "$bits-plus" --seed 5
   plus "deit_tiny_${bits}plus_light_calib32_seed5" light "${DEIT[@]}" --preset "$bits-plus" --seed 5
   run "deit_tiny_${bits}_calib32_seed5_ref" "${DEIT[@]}" --preset "$bits" --seed 5
+  run "vit_tiny_${bits}_calib32_seed5_ref" --preset "$bits" --seed 5
+done
+plus vit_tiny_w4a4plus_fast_calib32_seed5 fast --preset w4a4-plus --seed 5
+plus deit_tiny_w4a4plus_fast_calib32_seed5 fast "${DEIT[@]}" --preset w4a4-plus --seed 5
+for seed in 5 6 7; do
+  run "vit_tiny_w4a4_calib32_seed${seed}_ref" --preset w4a4 --seed "$seed"
+  run "deit_tiny_w4a4plus_calib32_seed$seed" "${DEIT[@]}" --preset w4a4-plus --seed "$seed"
 done
