@@ -5,7 +5,7 @@ Reads the JSON rows that ``quantize_eval.py`` (via ``run_plus_queue.sh``) and
 prints one Markdown row per group: mean and sample standard deviation of the dev-rest top-1
 over its seeds, each seed's top-1, minutes (calibration plus any reconstruction) and peak RSS,
 with the reference implementation's figure beside it where ../shared/REFERENCE.md has one.
-Writes the same as JSON.
+A ``*`` marks a resumed run: its minutes count its last process only. Writes the same as JSON.
 
     python benchmarks/preset_table.py --out benchmarks/logs/preset_table.json
 """
@@ -43,9 +43,11 @@ GROUPS = {
 }
 
 
-def _seconds(row: dict) -> float:
-    """Calibration plus reconstruction time of one run."""
-    return row["calib_seconds"] + (row.get("reconstruct_seconds") or 0.0)
+def _minutes(row: dict) -> str:
+    """Calibration plus reconstruction time of one run; ``*`` marks a resumed run, whose time
+    counts its last process only."""
+    seconds = (row.get("calib_seconds") or 0.0) + (row.get("reconstruct_seconds") or 0.0)
+    return f"{seconds / 60:.1f}" + ("*" if row.get("resumed") else "")
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -55,7 +57,7 @@ def summarise(rows: list[dict]) -> dict:
         "top1": top1,
         "mean": statistics.fmean(top1),
         "sd": statistics.stdev(top1) if len(top1) > 1 else None,
-        "minutes": [round(_seconds(r) / 60, 1) for r in rows],
+        "minutes": [_minutes(r) for r in rows],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
     }
 

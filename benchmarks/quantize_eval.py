@@ -23,6 +23,7 @@ from adalog.models import create_model
 from adalog.pipelines.calibrate import calibrate, load_calibration_images
 from adalog.pipelines.checkpoint import save_quantized
 from adalog.pipelines.evaluate import build_eval_loader, evaluate
+from adalog.pipelines.runstore import has_progress
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SAMPLE = SHARED / "data" / "imagenet-sample"
@@ -70,6 +71,7 @@ def main() -> None:
         images = load_calibration_images(model, SAMPLE / "dev", SAMPLE / "calib32.txt", config)
     images = images.to(dtype)
     timings: dict[str, float] = {}
+    resumed = bool(args.resume) and has_progress(args.resume)
     start = time.perf_counter()
     workers = args.search_workers
     calibrate(
@@ -84,6 +86,7 @@ def main() -> None:
         "preset": args.preset,
         "config": config.to_dict(),
         "calib_seconds": calib_seconds,
+        "resumed": resumed,  # calib_seconds then counts this process only
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "calib_source": args.calib_tensor or "calib32.txt",
         "seconds_by_kind": seconds_by_kind(timings),

@@ -31,6 +31,7 @@ from adalog.pipelines.calibrate import calibrate, load_calibration_images
 from adalog.pipelines.checkpoint import load_quantized, save_quantized
 from adalog.pipelines.evaluate import build_eval_loader, evaluate
 from adalog.pipelines.reconstruct import reconstruct
+from adalog.pipelines.runstore import has_progress
 from adalog.recon.config import ReconstructConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -102,6 +103,7 @@ def main() -> None:
     calibrated_scores = score_logits(batched_logits(model, eval_images), fp_logits, labels)
     calib_before = _calib_scores(model, images, calib_fp_logits)
     stats: dict = {}
+    resumed = bool(args.resume) and has_progress(args.resume)
     start = time.perf_counter()
     reconstruct(model, images, recon, stats=stats, resume_dir=args.resume)
     recon_seconds = time.perf_counter() - start
@@ -121,6 +123,7 @@ def main() -> None:
         "reconstruct": recon.to_dict(),
         "calib_seconds": calib_seconds,
         "reconstruct_seconds": recon_seconds,
+        "resumed": resumed,  # reconstruct_seconds then counts this process only
         "blocks": stats,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "calib_source": args.calib_tensor or "calib32.txt",
