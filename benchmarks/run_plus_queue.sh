@@ -42,6 +42,8 @@ done
 for bits in w6a6 w3a3; do
   plus "vit_tiny_${bits}plus_light_calib32_seed5" light --preset "$bits-plus" --seed 5
   plus "deit_tiny_${bits}plus_light_calib32_seed5" light "${DEIT[@]}" --preset "$bits-plus" --seed 5
+done
+for bits in w6a6 w3a3; do
   run "deit_tiny_${bits}_calib32_seed5_ref" "${DEIT[@]}" --preset "$bits" --seed 5
   run "vit_tiny_${bits}_calib32_seed5_ref" --preset "$bits" --seed 5
 done
