@@ -59,6 +59,7 @@ RUNS: dict[tuple[str, str, str], list[str]] = {
         f"deit_tiny_w4a4plus_light_calib32_seed{s}.json" for s in (5, 6, 7)
     ],
     ("DeiT-Tiny", "W4A4", "+ fast reconstruction"): ["deit_tiny_w4a4_seed5_recon_fast_s18.json"],
+    ("DeiT-Tiny", "W6A6", "reference preset"): ["deit_tiny_w6a6_calib32_seed5_ref.json"],
     ("DeiT-Tiny", "W6A6", "*-plus preset"): ["deit_tiny_w6a6plus_light_calib32_seed5.json"],
 }
 #: The paper's DeiT-Tiny (official code, ImageNet, FP 72.21): calibrate-only and retrain.
