@@ -46,7 +46,7 @@ RUNS: dict[tuple[str, str, str], list[str]] = {
     ],
     ("ViT-Tiny", "W6A6", "reference preset"): ["vit_tiny_w6a6_refcalib.json"],
     ("ViT-Tiny", "W6A6", "*-plus preset"): ["vit_tiny_w6a6plus_light_calib32_seed5.json"],
-    ("DeiT-Tiny", "W3A3", "reference preset"): ["deit_tiny_w3a3_calib32_seed5_s18.json"],
+    ("DeiT-Tiny", "W3A3", "reference preset"): ["deit_tiny_w3a3_calib32_seed5_ref.json"],
     ("DeiT-Tiny", "W3A3", "*-plus preset"): ["deit_tiny_w3a3plus_light_calib32_seed5.json"],
     ("DeiT-Tiny", "W3A3", "+ fast reconstruction"): ["deit_tiny_w3a3_seed5_recon_fast_s18.json"],
     ("DeiT-Tiny", "W4A4", "reference preset"): [
