@@ -5,7 +5,8 @@ Reads the JSON rows that ``quantize_eval.py`` (via ``run_plus_queue.sh``) and
 prints one Markdown row per group: mean and sample standard deviation of the dev-rest top-1
 over its seeds, each seed's top-1, minutes (calibration plus any reconstruction) and peak RSS,
 with the reference implementation's figure beside it where ../shared/REFERENCE.md has one.
-A ``*`` marks a resumed run: its minutes count its last process only. Writes the same as JSON.
+A ``*`` marks a resumed run: its minutes count its last process only. Writes the same as JSON
+(``minutes`` and ``resumed`` per seed).
 
     python benchmarks/preset_table.py --out benchmarks/logs/preset_table.json
 """
@@ -43,11 +44,9 @@ GROUPS = {
 }
 
 
-def _minutes(row: dict) -> str:
-    """Calibration plus reconstruction time of one run; ``*`` marks a resumed run, whose time
-    counts its last process only."""
-    seconds = (row.get("calib_seconds") or 0.0) + (row.get("reconstruct_seconds") or 0.0)
-    return f"{seconds / 60:.1f}" + ("*" if row.get("resumed") else "")
+def _seconds(row: dict) -> float:
+    """Calibration plus reconstruction time of one run (its last process only, if resumed)."""
+    return (row.get("calib_seconds") or 0.0) + (row.get("reconstruct_seconds") or 0.0)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -57,7 +56,8 @@ def summarise(rows: list[dict]) -> dict:
         "top1": top1,
         "mean": statistics.fmean(top1),
         "sd": statistics.stdev(top1) if len(top1) > 1 else None,
-        "minutes": [_minutes(r) for r in rows],
+        "minutes": [round(_seconds(r) / 60, 1) for r in rows],
+        "resumed": [bool(r.get("resumed")) for r in rows],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
     }
 
@@ -81,12 +81,16 @@ def main() -> None:
         summary["reference_implementation"] = REFERENCE_IMPLEMENTATION.get((model, bits))
         table.append(summary)
         sd = "" if summary["sd"] is None else f" ({summary['sd']:.4f})"
+        minutes = " / ".join(
+            f"{m}*" if r else str(m)
+            for m, r in zip(summary["minutes"], summary["resumed"], strict=True)
+        )
         ref = summary["reference_implementation"]
         print(
             f"| {model} | {bits} | {preset} | {', '.join(map(str, summary['seeds']))} "
             f"| {summary['mean']:.4f}{sd} | {' / '.join(f'{t:.4f}' for t in summary['top1'])} "
             f"| {'' if ref is None else f'{ref:.4f}'} "
-            f"| {' / '.join(map(str, summary['minutes']))} "
+            f"| {minutes} "
             f"| {summary['peak_rss_mb']:.0f} MB |"
         )
     atomic_write_json(args.out, table)
